@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -109,3 +109,31 @@ def init_db(engine: Engine | None = None) -> None:
     with session_scope(engine) as session:
         ensure_system_entities(session)
     logger.info("database at %s is at the newest schema", engine.url)
+
+
+def insert_ignoring_conflicts(
+    connection: Connection | Session,
+    model: type[SQLModel],
+    values: dict[str, Any],
+    *,
+    conflict_columns: list[str],
+) -> bool:
+    """Insert one row unless one with the same unique key exists.
+
+    ``INSERT ... ON CONFLICT DO NOTHING`` on both backends: two processes
+    inserting the same key at once both succeed and one row remains. Returns
+    True when this call inserted the row.
+    """
+    table = model.__table__  # type: ignore[attr-defined]
+    bind = connection if isinstance(connection, Connection) else connection.get_bind()
+    if bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    statement = (
+        insert(table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=conflict_columns)
+    )
+    result = connection.execute(statement)
+    return bool(result.rowcount)

@@ -237,6 +237,10 @@ class Emailing(SQLModel, table=True):
     click: int = 0
     unsubscribe: int = 0
     bounce: int = 0
+    open_any: int = 0
+    """Recipients who opened, machines (privacy proxies) included; see ``open``."""
+    click_any: int = 0
+    """Recipients who clicked, machines (security scanners) included."""
     recipients_resolved: bool = False
     """Delivery rows exist for every recipient; ``total`` is final."""
     claimed_by: str | None = Field(default=None, max_length=128)
@@ -270,7 +274,13 @@ class Delivery(SQLModel, table=True):
     next_attempt_at: datetime | None = _optional_time()
     sent_at: datetime | None = _optional_time()
     first_open_at: datetime | None = _optional_time()
+    """First open by a person; machine opens (privacy proxies) left out."""
     first_click_at: datetime | None = _optional_time()
+    """First click by a person; security scanners left out."""
+    first_open_any_at: datetime | None = _optional_time()
+    """First open by anyone, machines included ("all activity" statistics)."""
+    first_click_any_at: datetime | None = _optional_time()
+    """First click by anyone, machines included."""
     unsubscribed_at: datetime | None = _optional_time()
     bounced_at: datetime | None = _optional_time()
     created_at: datetime = _time()
@@ -287,6 +297,10 @@ class Link(SQLModel, table=True):
     url: str = Field(sa_type=Text)
     url_hash: str = Field(max_length=64)
     """SHA-256 of ``url``: URLs are too long for a portable unique index."""
+    clicks: int = 0
+    """Clicks by people, kept with the events (top links read it)."""
+    machine_clicks: int = 0
+    """Clicks flagged as a security scanner's."""
     created_at: datetime = _time()
 
 
@@ -295,6 +309,7 @@ class TrackingEvent(SQLModel, table=True):
 
     __table_args__ = (
         Index("ix_trackingevent_emailing_kind", "emailing_id", "kind", "occurred_at"),
+        Index("ix_trackingevent_link", "link_id", "delivery_id"),
     )
 
     id: int | None = Field(
@@ -316,6 +331,32 @@ class TrackingEvent(SQLModel, table=True):
     machine: bool = False
     """Flagged as a privacy proxy or security scanner rather than a person."""
     machine_reason: str = Field(default="", max_length=128)
+
+
+class TrackingHour(SQLModel, table=True):
+    """Opens and clicks of one emailing in one hour, people and machines apart.
+
+    A rollup of ``TrackingEvent`` kept by the event writer in the same
+    transaction as the events, so the statistics chart reads a few rows per
+    hour instead of every event; rebuilt from the events by
+    ``counters.recompute_counters``.
+    """
+
+    emailing_id: int = Field(primary_key=True)
+    hour: datetime = Field(sa_type=UTCDateTime, primary_key=True)
+    """The start of the hour, in UTC."""
+    kind: TrackingKind = Field(
+        sa_type=SAEnum(
+            TrackingKind,
+            native_enum=False,
+            create_constraint=False,
+            length=16,
+            values_callable=lambda members: [member.value for member in members],
+        ),
+        primary_key=True,
+    )
+    machine: bool = Field(default=False, primary_key=True)
+    events: int = 0
 
 
 # --- Sequences ----------------------------------------------------------------

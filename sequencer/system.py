@@ -77,6 +77,7 @@ SYSTEM_ENTITIES: dict[str, tuple[str, type[SQLModel], list[SystemProperty]]] = {
             SystemProperty("name", "Name", T.TEXT),
             SystemProperty("tags", "Tags", T.LIST),
             SystemProperty("status", "Status", T.TEXT),
+            SystemProperty("lists", "Lists", T.LIST),
         ],
     ),
     CONTACT_LIST: (

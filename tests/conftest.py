@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from smtp_server import SMTPSink
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel
@@ -101,3 +102,15 @@ def session(engine: Engine) -> Iterator[Session]:
     """A session on the fresh database; the test commits what it needs."""
     with Session(engine, expire_on_commit=False) as session:
         yield session
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SMTPSink]:
+    """A real aiosmtpd server on a free loopback port, recording what it receives.
+
+    Put lower-cased addresses in ``smtp_server.bounce`` (answered 550) or
+    ``smtp_server.defer`` (answered 451); point ``SEQUENCER_SMTP_URL`` at
+    ``smtp_server.url`` to send through it.
+    """
+    with SMTPSink() as sink:
+        yield sink

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-03 16:31:33.502950
+Create Date: 2026-12-03 17:38:02.262735
 """
 
 from collections.abc import Sequence
@@ -101,8 +101,17 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_trackingevent_delivery_id'), ['delivery_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_trackingevent_emailing_id'), ['emailing_id'], unique=False)
         batch_op.create_index('ix_trackingevent_emailing_kind', ['emailing_id', 'kind', 'occurred_at'], unique=False)
+        batch_op.create_index('ix_trackingevent_link', ['link_id', 'delivery_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_trackingevent_occurred_at'), ['occurred_at'], unique=False)
 
+    op.create_table('trackinghour',
+    sa.Column('emailing_id', sa.Integer(), nullable=False),
+    sa.Column('hour', sequencer.timeutil.UTCDateTime(), nullable=False),
+    sa.Column('kind', sa.Enum('open', 'click', 'unsubscribe', 'bounce', name='trackingkind', native_enum=False, length=16), nullable=False),
+    sa.Column('machine', sa.Boolean(), nullable=False),
+    sa.Column('events', sa.Integer(), nullable=False),
+    sa.PrimaryKeyConstraint('emailing_id', 'hour', 'kind', 'machine')
+    )
     op.create_table('workerheartbeat',
     sa.Column('worker_id', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
     sa.Column('hostname', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=False),
@@ -238,6 +247,8 @@ def upgrade() -> None:
     sa.Column('click', sa.Integer(), nullable=False),
     sa.Column('unsubscribe', sa.Integer(), nullable=False),
     sa.Column('bounce', sa.Integer(), nullable=False),
+    sa.Column('open_any', sa.Integer(), nullable=False),
+    sa.Column('click_any', sa.Integer(), nullable=False),
     sa.Column('recipients_resolved', sa.Boolean(), nullable=False),
     sa.Column('claimed_by', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
     sa.Column('claimed_at', sequencer.timeutil.UTCDateTime(), nullable=True),
@@ -288,6 +299,8 @@ def upgrade() -> None:
     sa.Column('sent_at', sequencer.timeutil.UTCDateTime(), nullable=True),
     sa.Column('first_open_at', sequencer.timeutil.UTCDateTime(), nullable=True),
     sa.Column('first_click_at', sequencer.timeutil.UTCDateTime(), nullable=True),
+    sa.Column('first_open_any_at', sequencer.timeutil.UTCDateTime(), nullable=True),
+    sa.Column('first_click_any_at', sequencer.timeutil.UTCDateTime(), nullable=True),
     sa.Column('unsubscribed_at', sequencer.timeutil.UTCDateTime(), nullable=True),
     sa.Column('bounced_at', sequencer.timeutil.UTCDateTime(), nullable=True),
     sa.Column('created_at', sequencer.timeutil.UTCDateTime(), nullable=False),
@@ -306,6 +319,8 @@ def upgrade() -> None:
     sa.Column('emailing_id', sa.Integer(), nullable=False),
     sa.Column('url', sa.Text(), nullable=False),
     sa.Column('url_hash', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('clicks', sa.Integer(), nullable=False),
+    sa.Column('machine_clicks', sa.Integer(), nullable=False),
     sa.Column('created_at', sequencer.timeutil.UTCDateTime(), nullable=False),
     sa.ForeignKeyConstraint(['emailing_id'], ['emailing.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
@@ -368,8 +383,10 @@ def downgrade() -> None:
 
     op.drop_table('contactlistmember')
     op.drop_table('workerheartbeat')
+    op.drop_table('trackinghour')
     with op.batch_alter_table('trackingevent', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_trackingevent_occurred_at'))
+        batch_op.drop_index('ix_trackingevent_link')
         batch_op.drop_index('ix_trackingevent_emailing_kind')
         batch_op.drop_index(batch_op.f('ix_trackingevent_emailing_id'))
         batch_op.drop_index(batch_op.f('ix_trackingevent_delivery_id'))

@@ -1,0 +1,95 @@
+"""Settings: the active configuration and the state of the workers."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+from sqlalchemy.engine import make_url
+
+from pages import ui
+from sequencer import delivery, engine, scheduler
+from sequencer.config import get_settings
+
+REFRESH_SECONDS = 5
+settings = get_settings()
+
+
+def _describe_pass(last_pass: dict) -> str:
+    """A worker's last pass in one line: what each step did."""
+    if not isinstance(last_pass, dict):
+        return ""
+    return ", ".join(f"{step}: {value}" for step, value in last_pass.items())
+
+
+st.title("Settings")
+
+# Configuration: read from the environment at start; see the README.
+st.subheader("Configuration")
+if settings.smtp_url:
+    smtp = make_url(settings.smtp_url.replace("smtps://", "smtp+ssl://"))
+    st.success(
+        f"Email goes out through the SMTP server {smtp.host}:{smtp.port or ''}.",
+        icon=":material/mail:",
+    )
+else:
+    st.warning(
+        "No SEQUENCER_SMTP_URL is set: messages are written as .eml files to "
+        f"{settings.outbox_dir} instead of being sent.",
+        icon=":material/inbox:",
+    )
+config = {
+    "Database": make_url(settings.database_url).render_as_string(hide_password=True),
+    "SMTP": make_url(settings.smtp_url).render_as_string(hide_password=True)
+    if settings.smtp_url
+    else f"outbox ({settings.outbox_dir})",
+    "Public URL": settings.public_url,
+    "Rate (messages per second)": str(settings.smtp_rate or "no limit"),
+    "SMTP connections": str(settings.smtp_connections),
+    "Time zone": settings.timezone,
+    "Scheduler tick (seconds)": str(settings.tick_seconds),
+    "Tracking port (headless worker)": str(settings.tracking_port),
+}
+st.dataframe(
+    pd.DataFrame({"setting": list(config), "value": list(config.values())}),
+    hide_index=True,
+)
+
+
+@st.fragment(run_every=REFRESH_SECONDS)
+def worker_state() -> None:
+    """The workers' heartbeats and the queues, refreshed every few seconds."""
+    with ui.session() as session:
+        workers = scheduler.worker_status(session)
+        pending = engine.pending_count(session)
+        due = delivery.due_count(session)
+    pending_col, due_col, alive_col = st.columns(3)
+    pending_col.metric("Pending record events", pending)
+    due_col.metric("Emailings due", due)
+    alive = int(workers["alive"].sum()) if not workers.empty else 0
+    alive_col.metric("Workers alive", alive)
+    if workers.empty:
+        st.warning("No worker has reported yet: nothing is sent until one runs.")
+        return
+    last_beat = workers["last_beat"].max()
+    st.caption(f"Last heartbeat: {ui.local_time(last_beat, '%Y-%m-%d %H:%M:%S')}")
+    if not alive:
+        st.error(
+            "No worker has beaten for a minute: start `python -m sequencer run` "
+            "or `python -m sequencer worker`."
+        )
+    shown = workers.assign(last_pass=workers["last_pass"].map(_describe_pass))
+    st.dataframe(
+        ui.localize(shown, ["started_at", "last_beat"]),
+        hide_index=True,
+        column_config={
+            "alive": st.column_config.CheckboxColumn("Alive"),
+            "last_beat": st.column_config.DatetimeColumn(
+                "Last heartbeat", format="YYYY-MM-DD HH:mm:ss"
+            ),
+        },
+    )
+    ui.zone_caption()
+
+
+st.subheader("Workers")
+worker_state()

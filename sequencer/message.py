@@ -1,0 +1,505 @@
+"""The email one recipient receives, built with the standard library.
+
+``email.message.EmailMessage`` with the ``SMTP`` policy does the encoding:
+non-ASCII subjects and display names become RFC 2047 words (the address
+itself is never encoded), bodies are UTF-8 with a transfer encoding that keeps
+every line under 998 characters, and a header value can never spill into a
+new header, since subjects and names are reduced to one line first.
+
+An emailing is read once into a ``Draft``; ``render`` then fills the
+recipient variables of each message and, with tracking on, rewrites the links
+and adds the open pixel.
+
+Sending thousands of messages that share most of their headers, the policy
+parses and folds each distinct header value once (``header``) and the result
+is reused; values built here from ASCII tokens (Message-ID, plain names and
+subjects) are written as they are, which is what the policy would write.
+"""
+
+from __future__ import annotations
+
+import binascii
+import html as html_lib
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from email import policy
+from email.headerregistry import Address, HeaderRegistry
+from email.message import EmailMessage, MIMEPart
+from email.utils import format_datetime
+from functools import lru_cache
+from typing import Any
+
+import html2text
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session
+
+from sequencer import links, templating, tokens
+from sequencer.config import get_settings
+from sequencer.exceptions import SendError
+from sequencer.models import Emailing
+
+logger = logging.getLogger(__name__)
+
+
+class _HeaderClasses(HeaderRegistry):
+    """The standard header registry, building each header class only once.
+
+    The stock registry makes a new class on every lookup, and the email
+    package looks one up for every header it sets.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._built: dict[str, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        key = name.lower()
+        built = self._built.get(key)
+        if built is None:
+            built = self._built[key] = super().__getitem__(name)
+        return built
+
+
+POLICY = policy.SMTP.clone(header_factory=_HeaderClasses())
+"""CRLF line ends and folded headers of at most 78 characters."""
+
+TEST_HEADER = "X-Sequencer-Test"
+TEST_PREFIX = "[Test] "
+
+_LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")
+_CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+_PLAIN_LINE = 78
+"""Longest line sent as is; longer ones are quoted-printable encoded."""
+_URL = re.compile(r"https?://[^\s<>\"']+[^\s<>\"'.,;:!?)\]]")
+
+
+def one_line(value: str) -> str:
+    """A header value on a single line: line breaks become spaces.
+
+    A subject rendered from a record can contain a newline; folded into the
+    header it would start a header of its own (``Bcc: ...``). Reduced to one
+    line, it stays text of the subject.
+    """
+    value = _LINE_BREAKS.sub(" ", value)
+    return _CONTROLS.sub("", value).strip()
+
+
+def make_address(name: str, email: str) -> Address:
+    """A mailbox with an encodable display name and a plain ASCII address."""
+    email = email.strip()
+    local, _, domain = email.rpartition("@")
+    if not local or not domain:
+        raise SendError(f"address {email!r} is not an email address")
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise SendError(f"address {email!r}: domain cannot be encoded") from exc
+    if not local.isascii():
+        raise SendError(f"address {email!r}: a non-ASCII mailbox needs SMTPUTF8")
+    try:
+        return Address(display_name=one_line(name), username=local, domain=domain)
+    except (ValueError, IndexError) as exc:
+        raise SendError(f"address {email!r} is not valid: {exc}") from exc
+
+
+def text_from_html(html: str) -> str:
+    """The plain-text part of an emailing that was only written in HTML."""
+    converter = html2text.HTML2Text()
+    converter.body_width = 0
+    converter.ignore_images = True
+    converter.unicode_snob = True
+    return converter.handle(html).strip() + "\n"
+
+
+def html_from_text(text: str) -> str:
+    """A minimal HTML part for an emailing written in plain text only.
+
+    It keeps every email multipart/alternative and gives the open pixel and
+    click tracking somewhere to live; URLs become links.
+    """
+    paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    rendered = []
+    for paragraph in paragraphs:
+        escaped = html_lib.escape(paragraph)
+        linked = _URL.sub(lambda m: f'<a href="{m[0]}">{m[0]}</a>', escaped)
+        rendered.append("<p>" + linked.replace("\n", "<br>\n") + "</p>")
+    body = "\n".join(rendered)
+    return f"<!DOCTYPE html>\n<html><body>\n{body}\n</body></html>\n"
+
+
+def build_message(
+    *,
+    subject: str,
+    text: str,
+    html: str,
+    sender: Address,
+    recipient: Address,
+    reply_to: Address | None,
+    message_id: str,
+    date: datetime,
+    unsubscribe: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+    boundary: str | None = None,
+) -> EmailMessage:
+    """Assemble one multipart/alternative message from finished parts.
+
+    ``boundary`` may be shared by the messages of one emailing: it is random,
+    so no body contains it, and a repeated value costs nothing to encode.
+    """
+    message = EmailMessage(policy=POLICY)
+    message["Subject"] = header("Subject", one_line(subject))
+    message["From"] = header("From", str(sender))
+    message["To"] = address_header("To", recipient)
+    if reply_to is not None:
+        message["Reply-To"] = header("Reply-To", str(reply_to))
+    message["Date"] = header("Date", format_datetime(date))
+    message["Message-ID"] = verbatim_header("Message-ID", message_id)
+    if unsubscribe:
+        message["List-Unsubscribe"] = _UrlList("List-Unsubscribe", unsubscribe)
+        if any(url.startswith(("https://", "http://")) for url in unsubscribe):
+            message["List-Unsubscribe-Post"] = header(
+                "List-Unsubscribe-Post", "List-Unsubscribe=One-Click"
+            )
+    for name, value in (headers or {}).items():
+        message[name] = header(name, one_line(value))
+    message["MIME-Version"] = header("MIME-Version", "1.0")
+    boundary = boundary or f"=_{secrets.token_hex(12)}"
+    message["Content-Type"] = header(
+        "Content-Type", f'multipart/alternative; boundary="{boundary}"'
+    )
+    message.set_payload([text_part(text, "plain"), text_part(html, "html")])
+    return message
+
+
+def text_part(content: str, subtype: str) -> MIMEPart:
+    """One UTF-8 text part, 7bit when it can be, else quoted-printable.
+
+    Quoted-printable keeps every line under 76 characters whatever the
+    author wrote, and stays readable in the raw message.
+    """
+    content = content.replace("\r\n", "\n").replace("\r", "\n")
+    if not content.endswith("\n"):
+        content += "\n"
+    lines = content.split("\n")
+    if content.isascii() and max(len(line) for line in lines) <= _PLAIN_LINE:
+        body, encoding = content, "7bit"
+    else:
+        encoded = binascii.b2a_qp(content.encode("utf-8"), istext=True)
+        body, encoding = encoded.decode("ascii"), "quoted-printable"
+    part = MIMEPart(policy=POLICY)
+    part["Content-Type"] = header("Content-Type", f'text/{subtype}; charset="utf-8"')
+    part["Content-Transfer-Encoding"] = header("Content-Transfer-Encoding", encoding)
+    part.set_payload(body)
+    return part
+
+
+class FoldedHeader(str):
+    """A header the policy parsed and folded once, written as folded.
+
+    The email package re-parses and re-folds every header of every message;
+    for a campaign that repeats the same From, Subject and Content-Type
+    thousands of times, doing it once per distinct value is most of the cost
+    of building a message. The email package writes a header object with a
+    ``name`` and a ``fold`` method as that method returns it.
+    """
+
+    name: str
+    folded: str
+
+    def fold(self, *, policy: policy.Policy) -> str:
+        if _same_folding(policy):
+            return self.folded
+        return POLICY.header_factory(self.name, str(self)).fold(policy=policy)
+
+
+def _same_folding(other: policy.Policy) -> bool:
+    """True when ``other`` folds like ``POLICY`` (the generator clones it)."""
+    return other is POLICY or all(
+        getattr(other, name, None) == getattr(POLICY, name)
+        for name in ("linesep", "max_line_length", "utf8", "cte_type")
+    )
+
+
+def _fold(name: str, value: str) -> FoldedHeader:
+    parsed = POLICY.header_factory(name, value)
+    folded = FoldedHeader(str(parsed))
+    folded.name = name
+    folded.folded = parsed.fold(policy=POLICY)
+    return folded
+
+
+_fold_cached = lru_cache(maxsize=4096)(_fold)
+
+
+class _UrlList(FoldedHeader):
+    """A header listing URLs in angle brackets, folded only between the URLs.
+
+    The generic folding would turn a URL longer than a line into an encoded
+    word, which mail clients do not read as a URL.
+    """
+
+    entries: list[str]
+
+    def __new__(cls, name: str, urls: list[str]) -> _UrlList:
+        for url in urls:
+            if one_line(url) != url or not url.isascii() or len(url) > 900:
+                raise SendError(f"{name}: {url!r} cannot be written in a header")
+        entries = [f"<{url}>" for url in urls]
+        value = str.__new__(cls, ", ".join(entries))
+        value.name = name
+        value.entries = entries
+        return value
+
+    def fold(self, *, policy: policy.Policy) -> str:
+        separator = f",{policy.linesep} "
+        return f"{self.name}: {separator.join(self.entries)}{policy.linesep}"
+
+
+def verbatim_header(name: str, value: str) -> FoldedHeader:
+    """A header written exactly as given: for ASCII tokens built here.
+
+    Message-IDs need no parsing to be written; parsing one costs as much as
+    the rest of the headers together.
+    """
+    if not value.isascii() or one_line(value) != value or len(value) > 900:
+        raise SendError(f"header {name}: {value!r} cannot be written as is")
+    folded = FoldedHeader(value)
+    folded.name = name
+    folded.folded = f"{name}: {value}{POLICY.linesep}"
+    return folded
+
+
+def header(name: str, value: str, *, cache: bool = True) -> FoldedHeader:
+    """The header ``name: value`` parsed and folded by the SMTP policy.
+
+    ``value`` must be a single line (see ``one_line``); ``cache`` is off for
+    values unique to one message, which would only fill the cache.
+    """
+    if _LINE_BREAKS.search(value):
+        raise SendError(f"header {name}: a value cannot contain a line break")
+    if name in _PLAIN_TEXT_HEADERS and _plain_enough(name, value):
+        return verbatim_header(name, value)
+    return _fold_cached(name, value) if cache else _fold(name, value)
+
+
+_PLAIN_TEXT_HEADERS = {"Subject"}
+_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9 ]*<[A-Za-z0-9.!#$%&'*+/=?^_`{|}~@-]+>")
+
+
+def _plain_enough(name: str, value: str) -> bool:
+    """True when the policy would write this text header unchanged.
+
+    Printable ASCII that fits on one line, with nothing that reads as an
+    encoded word, needs neither encoding nor folding.
+    """
+    return (
+        value.isascii()
+        and value.isprintable()
+        and "=?" not in value
+        and value == value.strip()
+        and "  " not in value
+        and len(name) + 2 + len(value) <= POLICY.max_line_length
+    )
+
+
+def address_header(name: str, address: Address) -> FoldedHeader:
+    """An address header; a plain name and address are written as they are.
+
+    ``Person Name <someone@example.com>`` needs no quoting nor encoding;
+    anything else (accents, commas, quotes) goes through the policy.
+    """
+    value = str(address)
+    fits = len(name) + 2 + len(value) <= POLICY.max_line_length
+    if fits and value.isascii() and _PLAIN_ADDRESS.fullmatch(value):
+        return verbatim_header(name, value)
+    return header(name, value, cache=False)
+
+
+# --- Per recipient ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """One addressee: their delivery (None for a test) and contact values."""
+
+    email: str
+    name: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+    delivery_id: int | None = None
+
+    def context(self) -> dict[str, Any]:
+        """What ``{contact.<key>}`` can name in the templates."""
+        return {**self.attributes, "email": self.email, "name": self.name}
+
+
+class LinkIds:
+    """The Link row id of each URL of one emailing, created once and cached.
+
+    Shared by the connections of a worker; a new URL costs one short
+    transaction of its own, retried if SQLite is busy with another writer.
+    """
+
+    def __init__(self, engine: Engine, emailing_id: int) -> None:
+        self.engine = engine
+        self.emailing_id = emailing_id
+        self._ids: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, url: str) -> int:
+        with self._lock:
+            known = self._ids.get(url)
+        if known is not None:
+            return known
+        for attempt in range(5):
+            try:
+                with Session(self.engine) as session:
+                    link_id = links.link_id_for(session, self.emailing_id, url)
+                    session.commit()
+                break
+            except OperationalError:
+                if attempt == 4:
+                    raise
+        with self._lock:
+            self._ids[url] = link_id
+        return link_id
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What an emailing says, read once and rendered for each recipient."""
+
+    emailing_id: int
+    subject: str
+    text: str
+    html: str
+    sender: Address
+    reply_to: Address | None
+    tracking: bool
+    domain: str
+    boundary: str = field(default_factory=lambda: f"=_{secrets.token_hex(12)}")
+    tag: str = field(default_factory=lambda: secrets.token_hex(6))
+    """Random part of this draft's Message-IDs, unique across installations."""
+
+    def message_id_parts(self) -> tuple[str, str]:
+        """What comes before and after the delivery id in a Message-ID.
+
+        Message-IDs tell, on a reply or a bounce, which delivery it was; the
+        sender stores them in SQL from these two parts.
+        """
+        return f"<e{self.emailing_id}.d", f".{self.tag}@{self.domain}>"
+
+    def message_id(self, delivery_id: int | None) -> str:
+        if delivery_id is None:
+            return f"<e{self.emailing_id}.test.{secrets.token_hex(6)}@{self.domain}>"
+        before, after = self.message_id_parts()
+        return f"{before}{delivery_id}{after}"
+
+    @classmethod
+    def from_emailing(cls, emailing: Emailing) -> Draft:
+        if emailing.id is None:
+            raise SendError("the emailing has not been saved")
+        if not emailing.sender_email:
+            raise SendError(f"emailing {emailing.id}: it has no sender address")
+        sender = make_address(emailing.sender_name, emailing.sender_email)
+        reply_to = make_address("", emailing.reply_to) if emailing.reply_to else None
+        html = emailing.html.strip() or html_from_text(emailing.message)
+        return cls(
+            emailing_id=emailing.id,
+            subject=emailing.subject,
+            text=emailing.message,
+            html=html,
+            sender=sender,
+            reply_to=reply_to,
+            tracking=emailing.tracking,
+            domain=sender.domain,
+        )
+
+    def render(
+        self,
+        recipient: Recipient,
+        *,
+        link_ids: Callable[[str], int] | None,
+        now: datetime,
+        test: bool = False,
+    ) -> EmailMessage:
+        """The message for one recipient.
+
+        A test message carries test tokens: its links and pixel work but are
+        never counted, and its unsubscribe link unsubscribes no one.
+        """
+        delivery_id = recipient.delivery_id
+        if not test and delivery_id is None:
+            raise SendError("a message to a recipient needs its delivery")
+
+        # Tracking and unsubscribe addresses of this recipient.
+        if test:
+            unsubscribe_url = tokens.unsubscribe_url_for_test(self.emailing_id)
+            unsubscribe = [unsubscribe_url]
+        else:
+            unsubscribe_url = tokens.unsubscribe_url(delivery_id)  # type: ignore[arg-type]
+            unsubscribe = [unsubscribe_url, tokens.unsubscribe_mailto(delivery_id)]  # type: ignore[arg-type]
+
+        # Recipient variables, then the tracking of the finished HTML.
+        contact = recipient.context()
+        subject = templating.render_for_recipient(
+            self.subject, contact=contact, unsubscribe_url=unsubscribe_url, html=False
+        )
+        html = templating.render_for_recipient(
+            self.html, contact=contact, unsubscribe_url=unsubscribe_url, html=True
+        )
+        if self.text.strip():
+            text = templating.render_for_recipient(
+                self.text,
+                contact=contact,
+                unsubscribe_url=unsubscribe_url,
+                html=False,
+            )
+        else:
+            text = text_from_html(html)
+        if self.tracking and link_ids is not None:
+            html = self._track(html, delivery_id, link_ids, test=test)
+
+        headers = {TEST_HEADER: "yes"} if test else None
+        return build_message(
+            subject=(TEST_PREFIX + subject) if test else subject,
+            text=text,
+            html=html,
+            sender=self.sender,
+            recipient=make_address(recipient.name, recipient.email),
+            reply_to=self.reply_to,
+            message_id=self.message_id(delivery_id),
+            date=now,
+            unsubscribe=unsubscribe,
+            headers=headers,
+            boundary=self.boundary,
+        )
+
+    def _track(
+        self,
+        html: str,
+        delivery_id: int | None,
+        link_ids: Callable[[str], int],
+        *,
+        test: bool,
+    ) -> str:
+        own = f"{get_settings().public_url}/t/"
+
+        def url_for(url: str) -> str:
+            # Our own unsubscribe link stays as it is: it is not a click.
+            if url.startswith(own):
+                return url
+            link_id = link_ids(url)
+            if test:
+                return tokens.click_url_for_test(self.emailing_id, link_id)
+            return tokens.click_url(delivery_id, link_id)  # type: ignore[arg-type]
+
+        html = links.rewrite_links(html, url_for)
+        if test:
+            return links.add_pixel(html, tokens.open_url_for_test(self.emailing_id))
+        return links.add_pixel(html, tokens.open_url(delivery_id))  # type: ignore[arg-type]

@@ -1,0 +1,510 @@
+"""Sending through a real SMTP server: once each, failures, cancel, tests."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from delivery_factories import (
+    NOW,
+    add_contacts,
+    add_emailing,
+    add_list,
+    add_sender,
+    addresses,
+)
+from smtp_server import SMTPSink, free_port
+from sqlalchemy import Engine, func, select, update
+from sqlmodel import Session
+
+from sequencer import config, delivery, tokens
+from sequencer.enums import ContactStatus, DeliveryStatus, EmailingStatus, TrackingKind
+from sequencer.exceptions import SendError, ValidationError
+from sequencer.models import Contact, Delivery, Emailing, TrackingEvent
+from sequencer.types import parse_value
+
+S = DeliveryStatus
+
+
+@pytest.fixture
+def smtp(smtp_server: SMTPSink, monkeypatch: pytest.MonkeyPatch) -> SMTPSink:
+    """The test SMTP server, configured as the one Sequencer sends through."""
+    monkeypatch.setenv("SEQUENCER_SMTP_URL", smtp_server.url)
+    monkeypatch.setenv("SEQUENCER_SMTP_CONNECTIONS", "2")
+    monkeypatch.setenv("SEQUENCER_BATCH_SIZE", "10")
+    monkeypatch.setenv("SEQUENCER_MAX_ATTEMPTS", "3")
+    config.get_settings.cache_clear()
+    return smtp_server
+
+
+def _emailing_to(
+    engine: Engine, session: Session, count: int, **values: object
+) -> Emailing:
+    sender = add_sender(session)
+    contact_list = add_list(session)
+    add_contacts(engine, addresses(count), list_id=contact_list.id)
+    return add_emailing(session, sender, lists=[contact_list.id], **values)
+
+
+def _stored(session: Session, emailing_id: int) -> Emailing:
+    session.expire_all()
+    return session.get_one(Emailing, emailing_id)
+
+
+def _statuses(session: Session, emailing_id: int) -> Counter[DeliveryStatus]:
+    rows = session.scalars(
+        select(Delivery.status).where(Delivery.emailing_id == emailing_id)
+    ).all()
+    return Counter(rows)
+
+
+def _assert_counters_match_rows(session: Session, emailing_id: int) -> None:
+    emailing = _stored(session, emailing_id)
+    statuses = _statuses(session, emailing_id)
+    assert emailing.total == sum(statuses.values())
+    assert emailing.sent == statuses[S.SENT]
+    assert emailing.bounce == statuses[S.BOUNCED]
+
+
+def test_due_emailing_reaches_every_recipient_once(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 45)
+
+    accepted = delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    assert accepted == 45
+    assert smtp.counts() == dict.fromkeys(addresses(45), 1)
+    stored = _stored(session, emailing.id)
+    assert stored.status == EmailingStatus.SENT
+    assert stored.note == "45 sent"
+    assert stored.finished_at is not None
+    _assert_counters_match_rows(session, emailing.id)
+
+
+def test_each_message_names_its_own_recipient(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 3)
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    for address in addresses(3):
+        (message,) = smtp.parsed(address)
+        name = f"Person {address.split('@')[0]}"
+        assert message["To"].addresses[0].addr_spec == address
+        assert message["Subject"] == f"Hello {name}"
+        row = session.scalars(
+            select(Delivery).where(
+                Delivery.emailing_id == emailing.id, Delivery.email == address
+            )
+        ).one()
+        assert message["Message-ID"] == row.message_id
+        assert tokens.unsubscribe_url(row.id) in message["List-Unsubscribe"]
+
+
+def test_emailing_not_yet_due_is_left_alone(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 2, send_at=NOW + timedelta(minutes=5))
+
+    assert delivery.dispatch_due(now=NOW, worker_id="w1") == 0
+
+    assert smtp.total() == 0
+    assert _stored(session, emailing.id).status == EmailingStatus.PENDING
+
+
+def test_draft_is_never_sent(engine: Engine, session: Session, smtp: SMTPSink) -> None:
+    emailing = _emailing_to(engine, session, 2, status=EmailingStatus.DRAFT)
+
+    delivery.dispatch_due(now=NOW + timedelta(days=1), worker_id="w1")
+
+    assert smtp.total() == 0
+    assert _stored(session, emailing.id).status == EmailingStatus.DRAFT
+
+
+@pytest.mark.parametrize(
+    ("local", "utc_hour"),
+    [("2026-01-15 10:00", 9), ("2026-07-15 10:00", 8)],
+    ids=["winter", "summer"],
+)
+def test_paris_ten_oclock_goes_out_at_the_right_utc_hour(
+    engine: Engine, session: Session, smtp: SMTPSink, local: str, utc_hour: int
+) -> None:
+    send_at = parse_value(
+        "datetime", local, subject="emailing", field="send_at", timezone="Europe/Paris"
+    )
+    assert send_at.astimezone(ZoneInfo("Europe/Paris")).hour == 10
+    emailing = _emailing_to(engine, session, 1, send_at=send_at)
+    day = send_at.astimezone(UTC).date()
+    due = datetime(day.year, day.month, day.day, utc_hour, tzinfo=UTC)
+
+    delivery.dispatch_due(now=due - timedelta(seconds=1), worker_id="w1")
+    assert smtp.total() == 0
+    delivery.dispatch_due(now=due, worker_id="w1")
+
+    assert smtp.total() == 1
+    assert _stored(session, emailing.id).send_at == due
+
+
+def test_550_bounces_that_recipient_and_the_others_get_it(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    smtp.bounce.add("person2@example.com")
+    emailing = _emailing_to(engine, session, 5)
+
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    assert set(smtp.counts()) == set(addresses(5)) - {"person2@example.com"}
+    bounced = session.scalars(
+        select(Delivery).where(Delivery.email == "person2@example.com")
+    ).one()
+    assert bounced.status == S.BOUNCED
+    assert bounced.smtp_reply.startswith("550")
+    contact = session.scalars(
+        select(Contact).where(Contact.email == "person2@example.com")
+    ).one()
+    assert contact.status == ContactStatus.BOUNCED
+    events = session.scalars(
+        select(TrackingEvent.kind).where(TrackingEvent.delivery_id == bounced.id)
+    ).all()
+    assert events == [TrackingKind.BOUNCE]
+    stored = _stored(session, emailing.id)
+    assert (stored.status, stored.sent, stored.bounce) == (EmailingStatus.SENT, 4, 1)
+    _assert_counters_match_rows(session, emailing.id)
+
+
+def test_451_is_retried_with_backoff_then_sent(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    smtp.defer.add("person0@example.com")
+    emailing = _emailing_to(engine, session, 3)
+
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+    waiting = session.scalars(
+        select(Delivery).where(Delivery.email == "person0@example.com")
+    ).one()
+    assert waiting.status == S.QUEUED
+    assert waiting.attempts == 1
+    assert waiting.smtp_reply.startswith("451")
+    # The pass's clock moves on while it sends: the wait starts at the reply.
+    retry_at = waiting.next_attempt_at
+    assert retry_at is not None
+    assert NOW + delivery.RETRY_BASE <= retry_at < NOW + 2 * delivery.RETRY_BASE
+    assert _stored(session, emailing.id).status == EmailingStatus.SENDING
+
+    # Before the retry time nothing happens; after it the server accepts.
+    delivery.dispatch_due(now=NOW + timedelta(seconds=30), worker_id="w1")
+    assert "person0@example.com" not in smtp.counts()
+    smtp.defer.clear()
+    delivery.dispatch_due(now=NOW + timedelta(minutes=2), worker_id="w1")
+
+    assert smtp.counts()["person0@example.com"] == 1
+    stored = _stored(session, emailing.id)
+    assert (stored.status, stored.sent) == (EmailingStatus.SENT, 3)
+
+
+def test_451_until_the_limit_fails_the_delivery_keeping_the_reply(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    smtp.defer.add("person1@example.com")
+    emailing = _emailing_to(engine, session, 2)
+
+    now = NOW
+    for _attempt in range(3):
+        delivery.dispatch_due(now=now, worker_id="w1")
+        now += timedelta(hours=2)
+
+    failed = session.scalars(
+        select(Delivery).where(Delivery.email == "person1@example.com")
+    ).one()
+    assert failed.status == S.FAILED
+    assert failed.attempts == 3
+    assert "greylisted" in failed.smtp_reply
+    stored = _stored(session, emailing.id)
+    assert stored.status == EmailingStatus.SENT
+    assert stored.note == "1 sent, 1 failed"
+    _assert_counters_match_rows(session, emailing.id)
+
+
+def test_server_down_keeps_the_emailing_sending_then_resumes(
+    engine: Engine, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    monkeypatch.setenv("SEQUENCER_SMTP_URL", f"smtp://127.0.0.1:{port}")
+    config.get_settings.cache_clear()
+    emailing = _emailing_to(engine, session, 12)
+
+    assert delivery.dispatch_due(now=NOW, worker_id="w1") == 0
+
+    stored = _stored(session, emailing.id)
+    assert stored.status == EmailingStatus.SENDING
+    assert _statuses(session, emailing.id) == Counter({S.QUEUED: 12})
+    attempts = session.scalars(select(func.max(Delivery.attempts))).one()
+    assert attempts == 0
+
+    with SMTPSink(port=port) as sink:
+        later = NOW + delivery.SERVER_DOWN_WAIT + timedelta(seconds=5)
+        delivery.dispatch_due(now=later, worker_id="w1")
+        assert sink.counts() == dict.fromkeys(addresses(12), 1)
+    assert _stored(session, emailing.id).status == EmailingStatus.SENT
+
+
+def test_cancel_stops_between_batches_with_exact_counters(
+    engine: Engine, session: Session, smtp: SMTPSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEQUENCER_SMTP_CONNECTIONS", "1")
+    config.get_settings.cache_clear()
+    emailing = _emailing_to(engine, session, 50)
+
+    def cancel_midway(received: int) -> None:
+        if received == 15:
+            with Session(engine) as other:
+                delivery.cancel_emailing(other, emailing.id, now=NOW)
+
+    smtp.handler.after_message = cancel_midway
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    # The batch in flight (messages 11 to 20) finishes; the rest is skipped.
+    assert smtp.total() == 20
+    stored = _stored(session, emailing.id)
+    assert stored.status == EmailingStatus.CANCELLED
+    assert stored.sent == 20
+    assert _statuses(session, emailing.id) == Counter({S.SENT: 20, S.SKIPPED: 30})
+    assert stored.note == "Cancelled: 30 recipients skipped."
+    _assert_counters_match_rows(session, emailing.id)
+
+
+def test_cancel_of_a_sent_emailing_is_refused(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 1)
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    with pytest.raises(ValidationError, match="it is sent; only a draft"):
+        delivery.cancel_emailing(session, emailing.id)
+
+
+def test_send_now_schedules_a_draft(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 2, status=EmailingStatus.DRAFT)
+
+    scheduled = delivery.send_now(session, emailing.id, now=NOW)
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    assert scheduled.status == EmailingStatus.PENDING
+    assert smtp.total() == 2
+
+
+def test_send_test_sends_one_marked_message_and_counts_nothing(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 3)
+
+    result = delivery.send_test(session, emailing.id, "Boss@Example.com", now=NOW)
+
+    assert "Boss@Example.com" in result
+    assert smtp.counts() == {"boss@example.com": 1}
+    (message,) = smtp.parsed("boss@example.com")
+    assert message["X-Sequencer-Test"] == "yes"
+    assert message["Subject"].startswith("[Test] ")
+    stored = _stored(session, emailing.id)
+    assert (stored.status, stored.total, stored.sent) == (EmailingStatus.PENDING, 0, 0)
+    assert session.scalars(select(func.count()).select_from(Delivery)).one() == 0
+    open_token = tokens.open_url_for_test(emailing.id)
+    html = message.get_body(("html",))
+    assert html is not None and open_token in html.get_content()
+
+
+def test_send_test_refused_by_the_server_says_why(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    smtp.bounce.add("nobody@example.com")
+    emailing = _emailing_to(engine, session, 1)
+
+    with pytest.raises(SendError, match="refused: 550"):
+        delivery.send_test(session, emailing.id, "nobody@example.com")
+
+
+def test_stale_in_flight_deliveries_are_interrupted_never_resent(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 25)
+    assert delivery.claim_emailing(engine, emailing.id, worker_id="dead", now=NOW)
+    in_flight = delivery.claim_batch(
+        engine, emailing.id, worker_id="dead", now=NOW, size=5
+    )
+
+    # Not stale yet: the other deliveries go, the claimed five wait.
+    delivery.dispatch_due(now=NOW + timedelta(seconds=10), worker_id="w2")
+    assert smtp.total() == 20
+    assert _stored(session, emailing.id).status == EmailingStatus.SENDING
+
+    later = NOW + timedelta(hours=1)
+    recovered = delivery.recover_stale(session, later, worker_id="w2")
+    delivery.dispatch_due(now=later, worker_id="w2")
+
+    assert recovered == {"interrupted": 5, "taken_over": 1}
+    assert smtp.total() == 20
+    for row in in_flight:
+        assert row.email not in smtp.counts()
+    stored = _stored(session, emailing.id)
+    assert stored.status == EmailingStatus.SENT
+    assert stored.note == "20 sent, 5 interrupted"
+    _assert_counters_match_rows(session, emailing.id)
+
+
+def test_slow_worker_marked_interrupted_still_records_its_send(
+    engine: Engine, session: Session
+) -> None:
+    emailing = _emailing_to(engine, session, 1)
+    delivery.claim_emailing(engine, emailing.id, worker_id="slow", now=NOW)
+    (row,) = delivery.claim_batch(
+        engine, emailing.id, worker_id="slow", now=NOW, size=5
+    )
+    delivery.recover_stale(session, NOW + timedelta(hours=1), worker_id="other")
+
+    delivery.record_sent(
+        engine,
+        emailing.id,
+        [row.id],
+        worker_id="slow",
+        now=NOW,
+        reply="250 ok",
+        message_id=("<e.d", "@x>"),
+    )
+
+    assert _statuses(session, emailing.id) == Counter({S.SENT: 1})
+    _assert_counters_match_rows(session, emailing.id)
+
+
+def test_two_workers_at_once_send_each_recipient_once(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 300)
+    errors: list[BaseException] = []
+
+    def work(worker_id: str) -> None:
+        try:
+            delivery.dispatch_due(now=NOW, worker_id=worker_id)
+        except BaseException as exc:  # reported below, on the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f"w{n}",)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert smtp.counts() == dict.fromkeys(addresses(300), 1)
+    _assert_counters_match_rows(session, emailing.id)
+    assert _stored(session, emailing.id).status == EmailingStatus.SENT
+
+
+def test_outbox_backend_writes_one_eml_per_recipient(
+    engine: Engine, session: Session, tmp_path: Path
+) -> None:
+    emailing = _emailing_to(engine, session, 4)
+
+    assert delivery.dispatch_due(now=NOW, worker_id="w1") == 4
+
+    files = sorted((tmp_path / "outbox").glob("*.eml"))
+    assert len(files) == 4
+    assert not list((tmp_path / "outbox").glob(".*.part"))
+    recipients = {
+        line.split("<")[-1].rstrip(">")
+        for path in files
+        for line in path.read_text().splitlines()
+        if line.startswith("To: ")
+    }
+    assert recipients == set(addresses(4))
+    stored = _stored(session, emailing.id)
+    assert (stored.status, stored.sent) == (EmailingStatus.SENT, 4)
+    row = session.scalars(select(Delivery)).first()
+    assert row is not None and row.smtp_reply.startswith("written to ")
+
+
+def test_emailing_without_sender_address_fails_with_a_note(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 2)
+    session.execute(
+        update(Emailing).where(Emailing.id == emailing.id).values(sender_email="")
+    )
+    session.commit()
+
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    stored = _stored(session, emailing.id)
+    assert stored.status == EmailingStatus.FAILED
+    assert "no sender address" in stored.note
+    assert smtp.total() == 0
+
+
+def test_header_injection_through_a_contact_name_reaches_no_one(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    sender = add_sender(session)
+    contact_list = add_list(session)
+    (contact_id,) = add_contacts(engine, ["eve@example.com"], list_id=contact_list.id)
+    session.execute(
+        update(Contact)
+        .where(Contact.id == contact_id)
+        .values(name="Eve\r\nBcc: victim@example.com")
+    )
+    session.commit()
+    add_emailing(session, sender, lists=[contact_list.id])
+
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    assert smtp.counts() == {"eve@example.com": 1}
+    (message,) = smtp.parsed("eve@example.com")
+    assert message["Bcc"] is None
+    assert message["Subject"] == "Hello Eve Bcc: victim@example.com"
+
+
+def test_non_ascii_round_trips_through_smtp(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    sender = add_sender(session, name="Café Crème")
+    contact_list = add_list(session)
+    (contact_id,) = add_contacts(engine, ["zoe@example.com"], list_id=contact_list.id)
+    session.execute(
+        update(Contact).where(Contact.id == contact_id).values(name="Zoé Żółć")
+    )
+    session.commit()
+    add_emailing(
+        session,
+        sender,
+        lists=[contact_list.id],
+        subject="Été — {contact.name} ☀",
+        message="Chère {contact.name}, à bientôt ✓",
+    )
+
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    (message,) = smtp.parsed("zoe@example.com")
+    assert message["Subject"] == "Été — Zoé Żółć ☀"
+    assert message["From"].addresses[0].display_name == "Café Crème"
+    assert message["To"].addresses[0].display_name == "Zoé Żółć"
+    text = message.get_body(("plain",))
+    assert text is not None
+    assert text.get_content().strip() == "Chère Zoé Żółć, à bientôt ✓"
+    raw = smtp.received("zoe@example.com")[0]
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+
+
+def test_due_count_counts_pending_emailings_whose_time_has_come(
+    engine: Engine, session: Session
+) -> None:
+    sender = add_sender(session)
+    add_emailing(session, sender, send_at=NOW - timedelta(minutes=1))
+    add_emailing(session, sender, send_at=NOW + timedelta(minutes=1))
+    add_emailing(session, sender, send_at=NOW, status=EmailingStatus.DRAFT)
+
+    assert delivery.due_count(session, now=NOW) == 1

@@ -1,0 +1,261 @@
+"""The message: encoding, headers, recipient variables, tracking, tests sends."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+
+import pytest
+
+from sequencer import tokens
+from sequencer.exceptions import SendError
+from sequencer.message import (
+    TEST_HEADER,
+    Draft,
+    Recipient,
+    build_message,
+    make_address,
+    one_line,
+)
+from sequencer.models import Emailing
+
+NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True)
+def _secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sequencer import config
+
+    monkeypatch.setenv("SEQUENCER_SECRET_KEY", "message-tests")
+    monkeypatch.setenv("SEQUENCER_PUBLIC_URL", "https://mail.shop.example.com")
+    config.get_settings.cache_clear()
+    tokens.forget_secret_key()
+
+
+def _emailing(**values: object) -> Emailing:
+    defaults: dict[str, object] = {
+        "id": 12,
+        "subject": "Bonjour {contact.name}",
+        "message": "Bonjour {contact.name},\n\nNos nouveautés.\n",
+        "html": (
+            "<html><body><p>Bonjour {contact.name} ({contact.city})</p>"
+            '<p><a href="https://shop.example.com/soldes?a=1&amp;b=2">Soldes</a> '
+            '<a href="mailto:help@shop.example.com">Aide</a></p>'
+            '<p><a href="{unsubscribe_url}">Se désabonner</a></p></body></html>'
+        ),
+        "sender_id": 1,
+        "sender_name": "Boutique Été",
+        "sender_email": "news@shop.example.com",
+        "reply_to": "help@shop.example.com",
+    }
+    defaults.update(values)
+    return Emailing(**defaults)
+
+
+def _parse(message: EmailMessage) -> EmailMessage:
+    parsed = BytesParser(policy=policy.default).parsebytes(message.as_bytes())
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+def _render(emailing: Emailing, recipient: Recipient, **kwargs: object) -> EmailMessage:
+    links = iter(range(1, 100))
+    ids: dict[str, int] = {}
+
+    def link_ids(url: str) -> int:
+        return ids.setdefault(url, next(links))
+
+    return Draft.from_emailing(emailing).render(
+        recipient, link_ids=link_ids, now=NOW, **kwargs
+    )
+
+
+ZOE = Recipient(
+    email="zoe@example.com",
+    name="Zoé Łukasiewicz",
+    attributes={"city": "Paris"},
+    delivery_id=345,
+)
+
+
+def test_non_ascii_subject_and_names_round_trip() -> None:
+    message = _parse(_render(_emailing(), ZOE))
+
+    assert message["Subject"] == "Bonjour Zoé Łukasiewicz"
+    assert message["From"].addresses[0].display_name == "Boutique Été"
+    assert message["From"].addresses[0].addr_spec == "news@shop.example.com"
+    assert message["To"].addresses[0].display_name == "Zoé Łukasiewicz"
+    assert message["To"].addresses[0].addr_spec == "zoe@example.com"
+
+
+def test_only_display_names_are_encoded_never_the_address() -> None:
+    raw = _render(_emailing(), ZOE).as_bytes()
+    headers = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+
+    assert "=?utf-8?" in headers
+    assert "<zoe@example.com>" in headers
+    assert "<news@shop.example.com>" in headers
+
+
+def test_message_is_multipart_alternative_in_utf8() -> None:
+    message = _parse(_render(_emailing(), ZOE))
+
+    assert message.get_content_type() == "multipart/alternative"
+    text = message.get_body(("plain",))
+    html = message.get_body(("html",))
+    assert text is not None and html is not None
+    assert text.get_content_charset() == "utf-8"
+    assert "Nos nouveautés" in text.get_content()
+    assert "Bonjour Zoé Łukasiewicz (Paris)" in html.get_content()
+
+
+def test_standard_headers_are_present() -> None:
+    message = _parse(_render(_emailing(), ZOE))
+
+    assert message["Message-ID"].startswith("<e12.d345.")
+    assert message["Message-ID"].endswith("@shop.example.com>")
+    assert message["Date"].datetime == NOW
+    assert message["Reply-To"].addresses[0].addr_spec == "help@shop.example.com"
+    assert message["MIME-Version"] == "1.0"
+
+
+def test_list_unsubscribe_has_https_and_mailto_with_one_click() -> None:
+    message = _parse(_render(_emailing(), ZOE))
+
+    unsubscribe = message["List-Unsubscribe"]
+    https, mailto = (part.strip(" <>") for part in unsubscribe.split(","))
+    assert https == tokens.unsubscribe_url(345)
+    assert mailto.startswith("mailto:")
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert "=?" not in unsubscribe
+
+
+def test_no_line_is_longer_than_998_characters() -> None:
+    long_line = "<p>" + "x" * 5000 + " é" + "</p>"
+    emailing = _emailing(html=f"<html><body>{long_line}</body></html>", message="")
+    raw = _render(emailing, ZOE).as_bytes()
+
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    html = _parse(_render(emailing, ZOE)).get_body(("html",))
+    assert html is not None and "x" * 5000 + " é" in html.get_content()
+
+
+def test_newline_in_subject_cannot_add_a_header() -> None:
+    emailing = _emailing(subject="Promo\r\nBcc: victim@example.com\nX-Evil: 1")
+    message = _parse(_render(emailing, ZOE))
+
+    assert message["Bcc"] is None
+    assert message["X-Evil"] is None
+    assert message["Subject"] == "Promo Bcc: victim@example.com X-Evil: 1"
+
+
+def test_newline_in_recipient_name_cannot_add_a_header() -> None:
+    evil = Recipient(
+        email="eve@example.com",
+        name="Eve\r\nBcc: victim@example.com",
+        delivery_id=7,
+    )
+    emailing = _emailing(subject="Hello {contact.name}")
+    message = _parse(_render(emailing, evil))
+
+    assert message["Bcc"] is None
+    assert [a.addr_spec for a in message["To"].addresses] == ["eve@example.com"]
+    assert "\n" not in message["Subject"]
+
+
+def test_one_line_removes_every_kind_of_line_break() -> None:
+    assert one_line("a\rb\nc\u2028d\x0be\x00f") == "a b c d ef"
+
+
+def test_text_part_comes_from_the_html_when_the_message_is_empty() -> None:
+    emailing = _emailing(message="")
+    text = _parse(_render(emailing, ZOE)).get_body(("plain",))
+
+    assert text is not None
+    content = text.get_content()
+    assert "Bonjour Zoé Łukasiewicz (Paris)" in content
+    assert "<p>" not in content
+
+
+def test_html_part_comes_from_the_text_when_there_is_no_html() -> None:
+    emailing = _emailing(
+        html="", message="Hi {contact.name}\n\nSee https://x.example.com/a"
+    )
+    html = _parse(_render(emailing, ZOE, test=False)).get_body(("html",))
+
+    assert html is not None
+    content = html.get_content()
+    assert "Hi Zoé Łukasiewicz" in content
+    assert "/t/c/" in content
+
+
+def test_tracking_rewrites_links_and_adds_the_pixel() -> None:
+    html = _parse(_render(_emailing(), ZOE)).get_body(("html",))
+    assert html is not None
+    content = html.get_content()
+
+    assert "https://shop.example.com/soldes" not in content
+    assert tokens.click_url(345, 1) in content.replace("&amp;", "&")
+    assert tokens.open_url(345) in content
+    assert 'href="mailto:help@shop.example.com"' in content
+    # The unsubscribe link is not a click: it stays the unsubscribe URL.
+    assert tokens.unsubscribe_url(345) in content
+
+
+def test_tracking_off_leaves_links_and_adds_no_pixel() -> None:
+    html = _parse(_render(_emailing(tracking=False), ZOE)).get_body(("html",))
+    assert html is not None
+    content = html.get_content()
+
+    assert 'href="https://shop.example.com/soldes?a=1&amp;b=2"' in content
+    assert "/t/o/" not in content
+
+
+def test_test_message_is_marked_and_carries_test_tokens() -> None:
+    tester = Recipient(email="boss@example.com", name="Boss")
+    message = _parse(_render(_emailing(), tester, test=True))
+
+    assert message[TEST_HEADER] == "yes"
+    assert message["Subject"].startswith("[Test] Bonjour Boss")
+    html = message.get_body(("html",))
+    assert html is not None
+    unsubscribe = message["List-Unsubscribe"].strip("<>")
+    payload = tokens.read_token("unsubscribe", unsubscribe.rsplit("/", 1)[1])
+    assert payload is not None and payload.test and payload.delivery_id is None
+    assert tokens.open_url_for_test(12) in html.get_content()
+
+
+def test_recipient_message_needs_its_delivery() -> None:
+    with pytest.raises(SendError, match="needs its delivery"):
+        _render(_emailing(), Recipient(email="x@example.com"))
+
+
+def test_international_domain_is_written_in_ascii() -> None:
+    assert make_address("", "anne@bücher.example").addr_spec == (
+        "anne@xn--bcher-kva.example"
+    )
+
+
+def test_non_ascii_mailbox_is_refused() -> None:
+    with pytest.raises(SendError, match="non-ASCII mailbox"):
+        make_address("", "zoé@example.com")
+
+
+def test_build_message_writes_plain_headers_as_given() -> None:
+    message = build_message(
+        subject="Plain subject",
+        text="hello",
+        html="<p>hello</p>",
+        sender=make_address("Shop", "news@shop.example.com"),
+        recipient=make_address("Ann Lee", "ann@example.com"),
+        reply_to=None,
+        message_id="<1@shop.example.com>",
+        date=NOW,
+    )
+    raw = message.as_bytes()
+
+    assert b"\r\nTo: Ann Lee <ann@example.com>\r\n" in raw
+    assert b"Subject: Plain subject\r\n" in raw
+    assert message["Reply-To"] is None
