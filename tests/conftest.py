@@ -27,7 +27,9 @@ PG_ADMIN_URL = os.environ.get(
 )
 BACKENDS = [
     name.strip()
-    for name in os.environ.get("SEQUENCER_TEST_BACKENDS", "sqlite,postgresql").split(",")
+    for name in os.environ.get("SEQUENCER_TEST_BACKENDS", "sqlite,postgresql").split(
+        ","
+    )
     if name.strip()
 ]
 
