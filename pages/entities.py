@@ -181,6 +181,7 @@ with records_tab:
             hide_index=True,
             num_rows="add",
             disabled=[c for c in SYSTEM_COLUMNS if c in shown.columns],
+            column_config={p.name: p.label for p in properties[entity]},
             key=changes_key,
         )
         ui.zone_caption()

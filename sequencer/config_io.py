@@ -152,6 +152,10 @@ def _load(document: dict[str, Any] | str | Path) -> dict[str, Any]:
         text = Path(document).read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise ImportFileError(f"cannot read {document}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ImportFileError(
+            f"{document} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+        ) from None
     try:
         loaded = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -175,8 +179,18 @@ def import_config(
     data = _load(document)
     if data.get("format") != FORMAT:
         raise ImportFileError(f"not a Sequencer configuration (format {FORMAT!r})")
-    if int(data.get("version", 0)) > VERSION:
-        raise ImportFileError(f"version {data.get('version')} is newer than {VERSION}")
+    version = data.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int | str):
+        raise ImportFileError(f"version must be a whole number, not {version!r}")
+    try:
+        number = int(version)
+    except ValueError:
+        raise ImportFileError(
+            f"version must be a whole number, not {version!r}"
+        ) from None
+    if number > VERSION:
+        raise ImportFileError(f"version {version} is newer than {VERSION}")
+    _check_shape(data)
     report = ConfigReport()
     try:
         _apply(session, data, report)
@@ -195,6 +209,85 @@ def _items(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
         raise ValidationError("configuration", key, "must be a list of objects")
     return items
+
+
+def _subject(kind: str, spec: dict[str, Any], index: int, key: str = "name") -> str:
+    name = spec.get(key)
+    return f"{kind} '{name}'" if name else f"{kind} {index}"
+
+
+def _need(subject: str, spec: dict[str, Any], key: str, kind: type) -> None:
+    value = spec.get(key)
+    if value is not None and not isinstance(value, kind):
+        wanted = "an object" if kind is dict else "a list"
+        raise ValidationError(subject, key, f"must be {wanted}, not {value!r}")
+
+
+def _check_id(subject: str, spec: dict[str, Any]) -> None:
+    value = spec.get("id")
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValidationError(subject, "id", f"must be a whole number, not {value!r}")
+    try:
+        int(value)
+    except ValueError:
+        raise ValidationError(
+            subject, "id", f"must be a whole number, not {value!r}"
+        ) from None
+
+
+def _check_unique(kind: str, key: str, specs: list[dict[str, Any]]) -> None:
+    seen: set[str] = set()
+    for spec in specs:
+        value = str(spec.get(key) or "").strip()
+        if key == "email":
+            value = value.lower()
+        if value and value in seen:
+            raise ValidationError(
+                f"{kind} '{value}'", key, "appears twice in the document"
+            )
+        seen.add(value)
+
+
+def _check_shape(data: dict[str, Any]) -> None:
+    """Refuse a document whose objects are not shaped as the format says.
+
+    :raises ValidationError: naming the object and the key at fault.
+    """
+    for index, spec in enumerate(_items(data, "entities"), start=1):
+        subject = _subject("entity", spec, index)
+        _need(subject, spec, "properties", list)
+        for prop in spec.get("properties") or []:
+            if not isinstance(prop, dict):
+                raise ValidationError(
+                    subject, "properties", f"must be objects, not {prop!r}"
+                )
+    for kind, key, specs in (
+        ("entity", "name", _items(data, "entities")),
+        ("sender", "email", _items(data, "senders")),
+        ("contact list", "name", _items(data, "contact_lists")),
+        ("entity group", "name", _items(data, "entity_groups")),
+        ("sequence", "name", _items(data, "sequences")),
+    ):
+        _check_unique(kind, key, specs)
+    for index, spec in enumerate(_items(data, "senders"), start=1):
+        _check_id(_subject("sender", spec, index, "email"), spec)
+    for index, spec in enumerate(_items(data, "contact_lists"), start=1):
+        _check_id(_subject("contact list", spec, index), spec)
+    for index, spec in enumerate(_items(data, "entity_groups"), start=1):
+        _need(_subject("entity group", spec, index), spec, "entities", list)
+    for index, spec in enumerate(_items(data, "sequences"), start=1):
+        subject = _subject("sequence", spec, index)
+        _need(subject, spec, "trigger", dict)
+        _need(subject, spec, "action", dict)
+        _need(subject, spec, "conditions", list)
+        for rule in spec.get("conditions") or []:
+            if not isinstance(rule, dict):
+                raise ValidationError(
+                    subject, "conditions", f"must be objects, not {rule!r}"
+                )
+        _need(subject, spec.get("action") or {}, "fields", dict)
 
 
 def _apply(session: Session, data: dict[str, Any], report: ConfigReport) -> None:

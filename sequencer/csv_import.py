@@ -116,6 +116,14 @@ class Preview:
 def _decode(data: bytes) -> tuple[str, str]:
     if data.startswith(b"\xef\xbb\xbf"):
         return data[3:].decode("utf-8"), "utf-8 (BOM)"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        # Excel's "Unicode text" and some exports write UTF-16 with its BOM.
+        try:
+            return data.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError:
+            raise ImportFileError(
+                "the file starts like UTF-16 but is not valid UTF-16"
+            ) from None
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -140,16 +148,50 @@ def read_file(file: bytes | str | Path) -> CsvFile:
         [",", ";", "\t"],
         key=lambda sep: len(next(csv.reader([first_line], delimiter=sep))),
     )
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = [cell.strip() for cell in next(reader)]
-    if not any(header):
-        raise ImportFileError("the header row is empty")
-    rows = []
-    for cells in reader:
-        if not any(cell.strip() for cell in cells):
-            continue
-        rows.append((reader.line_num, cells))
+    # The lines as the csv module reads them, so that a record's first line is
+    # known: a quote left open runs to the end of the file, which the lenient
+    # reader would silently turn into one huge cell.
+    lines = list(io.StringIO(text, newline=""))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))
+    try:
+        reader = csv.reader(lines, delimiter=delimiter)
+        header = [cell.strip() for cell in next(reader)]
+        if not any(header):
+            raise ImportFileError("the header row is empty")
+        rows = []
+        number, start = 1, reader.line_num
+        for cells in reader:
+            # Row numbers count records as a spreadsheet shows them: a cell
+            # with line breaks is still one row.
+            number += 1
+            _check_closed(lines, start, delimiter, number)
+            start = reader.line_num
+            if not any(cell.strip() for cell in cells):
+                continue
+            rows.append((number, cells))
+    finally:
+        csv.field_size_limit(limit)
     return CsvFile(header, rows, encoding, delimiter)
+
+
+def _check_closed(lines: list[str], start: int, delimiter: str, number: int) -> None:
+    """Refuse a record whose quote is never closed (it ran to the end of file)."""
+    if start >= len(lines) - 1 or '"' not in lines[start]:
+        return
+    strict = csv.reader(lines[start:], delimiter=delimiter, strict=True)
+    try:
+        next(strict)
+    except csv.Error as exc:
+        if "unexpected end of data" not in str(exc):
+            return
+        raise ImportFileError(
+            f'row {number}: a quote (") opened in this row is never closed, so '
+            "every line after it would be read as one cell; close the quote or "
+            "remove it"
+        ) from None
+    except StopIteration:
+        return
 
 
 def _normal(text: str) -> str:
@@ -160,16 +202,26 @@ def _normal(text: str) -> str:
 def _map_columns(
     info: EntityInfo, header: list[str], warnings: list[str]
 ) -> list[Column]:
+    # A header written exactly as a property's name or label wins over a loose
+    # match, and a loose match on a name over one on a label: a property
+    # labelled "Référence" must not take the column "reference".
+    exact: dict[str, str] = {}
     by_name: dict[str, str] = {}
     for name, prop in info.properties.items():
+        exact.setdefault(prop.label.strip(), name)
+        by_name.setdefault(_normal(prop.label), name)
+    for name in info.properties:
+        exact[name] = name
         by_name[_normal(name)] = name
-        by_name[_normal(prop.label)] = name
+    for reserved in ("id", "reference"):
+        if reserved not in exact:
+            by_name.pop(reserved, None)
     has_reference = adapters.adapter_for(info).has_reference
     columns = []
     seen: set[str] = set()
     for cell in header:
         normal = _normal(cell)
-        target: str | None = by_name.get(normal)
+        target: str | None = exact.get(cell.strip()) or by_name.get(normal)
         kind = info.properties[target].type if target else None
         if target is None and normal == "id":
             target, kind = "id", PropertyType.INTEGER
@@ -177,11 +229,12 @@ def _map_columns(
             target, kind = "reference", PropertyType.TEXT
         elif target is None and info.name == CONTACT and normal:
             target, kind = normal, PropertyType.TEXT
-        if target is not None and target in seen:
+        repeated = target is not None and target in seen
+        if repeated:
             warnings.append(f"column '{cell}' repeats '{target}' and is ignored")
             target = None
         if target is None:
-            if normal:
+            if normal and not repeated:
                 warnings.append(f"column '{cell}' is not a property of {info.name}")
         else:
             seen.add(target)
@@ -284,6 +337,8 @@ class _Importer:
         self.report = report
         self.adapter = adapters.adapter_for(info)
         self.status_for = engine.event_status(session, claim=run_sequences)
+        self.ambiguous: dict[Any, int] = {}
+        """Key values that more than one stored record has, with their count."""
 
     def values(self, number: int, cells: list[str]) -> dict[str, Any]:
         if len(cells) > len(self.columns) and any(
@@ -353,10 +408,22 @@ class _Importer:
             query = select(Record).where(
                 Record.entity_id == self.info.id, expression.in_(keys)
             )
-            return {self._stored_key(row): row for row in self.session.scalars(query)}
+            found: dict[Any, Any] = {}
+            for row in self.session.scalars(query):
+                stored = self._stored_key(row)
+                if stored in found:
+                    self.ambiguous[stored] = self.ambiguous.get(stored, 1) + 1
+                found[stored] = row
+            return found
         column = getattr(model, self.key)
         query = select(model).where(column.in_(keys))
-        return {getattr(row, self.key): row for row in self.session.scalars(query)}
+        found = {}
+        for row in self.session.scalars(query):
+            if getattr(row, self.key) in found:
+                stored = getattr(row, self.key)
+                self.ambiguous[stored] = self.ambiguous.get(stored, 1) + 1
+            found[getattr(row, self.key)] = row
+        return found
 
     def _stored_key(self, row: Record) -> Any:
         kind = self.info.properties[self.key].type
@@ -405,6 +472,16 @@ class _Importer:
             taken += 1
             if isinstance(key, Exception):
                 self.report.rejected.append((number, str(key)))
+                continue
+            if key in self.ambiguous:
+                self.report.rejected.append(
+                    (
+                        number,
+                        f"{self.info.name}: {self.key}: {key!r} matches "
+                        f"{self.ambiguous[key]} records; the key column must "
+                        "name one record",
+                    )
+                )
                 continue
             try:
                 write = self.write(values, key, found.get(key))

@@ -246,7 +246,7 @@ def claim_batch(
             or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
             exists().where(Emailing.id == emailing_id, Emailing.status == E.SENDING),
         )
-        .order_by(Delivery.id)
+        .order_by(Delivery.next_attempt_at, Delivery.id)
         .limit(size)
     )
     if is_postgres(engine):

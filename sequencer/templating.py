@@ -20,6 +20,7 @@ from typing import Any
 
 import jinja2
 from jinja2 import meta, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 from markupsafe import Markup, escape
 
@@ -87,8 +88,47 @@ class _RecipientPlaceholder:
         return Markup("{contact.%s}") % Markup(name)
 
 
+MAX_PRODUCT = 100_000
+"""Characters or items a ``*`` may build; a ``**`` result is capped likewise."""
+
+_MAX_POWER_BITS = 4_000
+
+
+class _Sandbox(SandboxedEnvironment):
+    """Jinja2's sandbox, plus bounds on ``*`` and ``**``.
+
+    The plain sandbox lets ``{{ 'x' * 10**10 }}`` or ``{{ 9**9**9**9 }}`` run,
+    and folds such constants while compiling, so one saved template could
+    exhaust the memory of whoever checks or renders it.
+    """
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for sized, count in ((left, right), (right, left)):
+                if (
+                    isinstance(sized, str | list | tuple)
+                    and isinstance(count, int)
+                    and len(sized) * count > MAX_PRODUCT
+                ):
+                    raise SecurityError(
+                        f"the product would be longer than {MAX_PRODUCT}"
+                    )
+        elif (
+            operator == "**"
+            and isinstance(left, int)
+            and isinstance(right, int)
+            and abs(left) > 1
+            and right > 0
+            and left.bit_length() * right > _MAX_POWER_BITS
+        ):
+            raise SecurityError("the power is too large")
+        return super().call_binop(context, operator, left, right)
+
+
 def _environment(autoescape: bool) -> SandboxedEnvironment:
-    return SandboxedEnvironment(
+    return _Sandbox(
         autoescape=autoescape,
         undefined=jinja2.StrictUndefined,
         finalize=_finalize,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import factories
 import pytest
@@ -102,3 +103,68 @@ def test_changed_property_is_updated_in_place(session: Session) -> None:
     report = import_config(session, document)
 
     assert report.updated == {"entities": 1}
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (lambda d: d.update(version="abc"), ImportFileError, "version must be"),
+        (lambda d: d.update(version=None), ImportFileError, "version must be"),
+        (
+            lambda d: d["senders"][0].update(id="abc"),
+            ValidationError,
+            "sender 'bonjour@example.com': id: must be a whole number",
+        ),
+        (
+            lambda d: d["entities"][0]["properties"].append("prix"),
+            ValidationError,
+            "entity 'clients': properties: must be objects",
+        ),
+        (
+            lambda d: d["sequences"][0].update(trigger=["produits"]),
+            ValidationError,
+            "sequence 'Stock bas': trigger: must be an object",
+        ),
+        (
+            lambda d: d["sequences"][0].update(conditions=["quantite < 10"]),
+            ValidationError,
+            "sequence 'Stock bas': conditions: must be objects",
+        ),
+        (
+            lambda d: d["sequences"][0]["action"].update(fields="Stock bas"),
+            ValidationError,
+            "sequence 'Stock bas': fields: must be an object",
+        ),
+    ],
+)
+def test_misshapen_document_is_refused_naming_the_object(
+    session: Session, change: Any, error: type[Exception], message: str
+) -> None:
+    document = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    change(document)
+
+    with pytest.raises(error, match=message):
+        import_config(session, document)
+
+    assert session.exec(select(Entity).where(Entity.system.is_(False))).all() == []
+    assert session.exec(select(Sequence)).all() == []
+
+
+def test_import_refuses_a_name_twice_in_one_document(session: Session) -> None:
+    document = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    twin = json.loads(json.dumps(document["sequences"][0]))
+    twin["conditions"] = []
+    document["sequences"].append(twin)
+
+    with pytest.raises(ValidationError, match="sequence 'Stock bas'.*appears twice"):
+        import_config(session, document)
+
+    assert session.exec(select(Sequence)).all() == []
+
+
+def test_file_that_is_not_utf8_is_refused(session: Session, tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_bytes('{"format": "sequencer-config", "x": "é"}'.encode("latin-1"))
+
+    with pytest.raises(ImportFileError, match="is not UTF-8 text"):
+        import_config(session, path)

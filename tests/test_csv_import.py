@@ -186,3 +186,93 @@ def test_preview_shows_rows_and_types(session: Session) -> None:
 def test_empty_file_is_refused(session: Session, produits: None) -> None:
     with pytest.raises(ImportFileError, match="the file is empty"):
         import_csv(session, "produits", b"")
+
+
+def test_unclosed_quote_is_refused_naming_its_row(
+    session: Session, produits: None
+) -> None:
+    data = b'name;quantite\nA;1\n"B;2\nC;3\nD;4\n'
+
+    with pytest.raises(ImportFileError, match=r"row 3: a quote .* never closed"):
+        import_csv(session, "produits", data)
+
+    assert names(session) == []
+
+
+def test_rows_are_numbered_as_records_when_a_cell_has_line_breaks(
+    session: Session, produits: None
+) -> None:
+    data = b'name;quantite\n"two\nlines";1\nB;beaucoup\n'
+
+    report = import_csv(session, "produits", data)
+
+    assert report.created == 1
+    assert report.rejected == [
+        (3, "produits: quantite: value 'beaucoup' is not a number")
+    ]
+
+
+def test_field_longer_than_csv_limit_is_imported(
+    session: Session, produits: None
+) -> None:
+    long_name = "x" * 200_000
+    data = f"name;quantite\n{long_name};1\nB;2\n".encode()
+
+    report = import_csv(session, "produits", data)
+
+    assert (report.created, report.rejected) == (2, [])
+    assert sorted(names(session), key=len) == ["B", long_name]
+
+
+def test_utf16_file_with_bom_is_decoded(session: Session, produits: None) -> None:
+    data = "name\tquantite\nCafé\t3\n".encode("utf-16")
+
+    report = import_csv(session, "produits", data)
+
+    assert (report.created, report.encoding) == (1, "utf-16")
+    assert names(session) == ["Café"]
+
+
+def test_key_matching_several_records_rejects_the_row(
+    session: Session, produits: None
+) -> None:
+    import_csv(session, "produits", b"sku;name;quantite\nS;Same;1\nT;Same;2\n")
+
+    report = import_csv(
+        session, "produits", b"name;quantite\nSame;50\nOther;3\n", key="name"
+    )
+
+    assert report.created == 1
+    assert report.rejected == [
+        (2, "produits: name: 'Same' matches 2 records; the key column must name "
+            "one record"),
+    ]  # fmt: skip
+    frame = list_records(session, "produits")
+    assert sorted(frame["quantite"]) == [1, 2, 3]
+
+
+def test_repeated_column_is_warned_about_once(session: Session, produits: None) -> None:
+    report = import_csv(session, "produits", b"name;name\nA;B\n")
+
+    assert report.warnings == ["column 'name' repeats 'name' and is ignored"]
+
+
+def test_reference_column_is_not_taken_by_a_property_labelled_reference(
+    session: Session,
+) -> None:
+    create_entity(
+        session,
+        name="stock",
+        properties=[
+            {"name": "sku", "label": "Référence"},
+            {"name": "nom", "type": "text"},
+        ],
+    )
+
+    first = import_csv(session, "stock", "sku;nom;reference\nA1;Café;lot-7\n".encode())
+    second = import_csv(session, "stock", "Référence;nom\nB2;Thé\n".encode())
+
+    assert first.warnings == [] and second.warnings == []
+    frame = list_records(session, "stock")
+    assert list(frame["sku"]) == ["A1", "B2"]
+    assert frame["reference"].iloc[0] == "lot-7"

@@ -20,11 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from alembic import command
 from smtp_server import SMTPSink, free_port
 
 from sequencer import config, db, entities, records
-from sequencer.system import CONTACT, CONTACT_LIST, SENDER, ensure_system_entities
+from sequencer.system import CONTACT, CONTACT_LIST, SENDER
 
 pytestmark = pytest.mark.browser
 
@@ -63,16 +62,16 @@ def _wait_http(url: str, process: subprocess.Popen, log: Path) -> None:
 
 
 def _seed(url: str) -> None:
-    """A database at the newest schema with what an admin sets up first.
-
-    Like the other tests, the schema comes from the models; it is stamped as
-    migrated so that the server's start-up migration has nothing to do.
-    """
+    """A database built by ``python -m sequencer init``, as a new user's is,
+    with what an admin sets up first."""
+    subprocess.run(
+        [sys.executable, "-m", "sequencer", "init"],
+        cwd=ROOT,
+        env={**os.environ, "SEQUENCER_DATABASE_URL": url},
+        check=True,
+        capture_output=True,
+    )
     engine = db.make_engine(url)
-    db.create_schema(engine)
-    command.stamp(db.alembic_config(url), "head")
-    with db.session_scope(engine) as session:
-        ensure_system_entities(session)
     with db.session_scope(engine) as session:
         entities.create_entity(
             session,
@@ -200,15 +199,20 @@ def edit_cell(page, *, row: int, column: str, text: str) -> None:
     grid.wait_for()
     header = grid.locator("[role=columnheader]")
     header.first.wait_for(state="attached")
-    headers = [text.strip() for text in header.all_inner_texts()]
-    box = grid.bounding_box()
-    page.mouse.click(box["x"] + 15, box["y"] + GRID_ROW * (row + 1.5))
+    headers = [name.strip() for name in header.all_inner_texts()]
     assert column in headers, headers
+    box = grid.bounding_box()
+
+    # The grid reacts on animation frames: give each step one to land.
+    page.mouse.click(box["x"] + 15, box["y"] + GRID_ROW * (row + 1.5))
+    page.wait_for_timeout(300)
     for _ in range(headers.index(column)):
         page.keyboard.press("ArrowRight")
     page.keyboard.press("Enter")
+    page.wait_for_timeout(300)
     page.keyboard.press("Control+A")
     page.keyboard.type(text)
+    page.wait_for_timeout(300)
     page.keyboard.press("Enter")
     settle(page)
 
@@ -289,7 +293,7 @@ def test_sequence_from_form_sends_and_tracks_in_browser(
         # Lower the product's quantity in the records grid, then save.
         page.goto(f"{dashboard}/records")
         settle(page)
-        edit_cell(page, row=0, column="quantite", text="5")
+        edit_cell(page, row=0, column="Quantite", text="5")
         page.get_by_role("button", name="Save 1 change").click()
         settle(page)
         toast = page.locator('[data-testid="stToast"]').filter(has_text="ran")

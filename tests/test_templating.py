@@ -107,3 +107,24 @@ def test_plain_templates_render_like_jinja() -> None:
             "a {name} b {n} {d}{% if 1 %}{% endif %}", html=html, context=context
         )
         assert fast == slow
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ 'x' * 10**10 }}",
+        "{{ name * 999999999 }}",
+        "{{ [1] * 10**9 }}",
+        "{{ 2 ** 10000000 }}",
+        "{{ id ** 99999999 }}",
+    ],
+)
+def test_huge_products_and_powers_are_refused_not_computed(template: str) -> None:
+    check_template(template, ["name", "id"], subject="s", field="subject")
+
+    with pytest.raises(TemplateError, match="subject: refused: the (product|power)"):
+        show(template)
+
+
+def test_small_products_and_powers_still_render() -> None:
+    assert show("{{ '-' * 3 }} {{ 2 ** 10 }} {{ quantite * 2 }}") == "--- 1024 18"
