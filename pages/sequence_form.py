@@ -389,6 +389,8 @@ def _target_fields(entity_labels: dict[str, str]) -> list:
         hints = _emailing_hints(session) if target_name == EMAILING else {}
     st.subheader(f"{entity_labels[target_name]} fields", anchor=False)
     creating = target_action == RecordAction.CREATE.value
+    # The Emailing's own reference is what the Reference field above fills in.
+    properties = [prop for prop in properties if prop.name != "reference"]
     for prop in properties:
         _field_widget(prop, creating=creating, hints=hints)
     return properties

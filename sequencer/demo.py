@@ -87,7 +87,13 @@ def load_demo(
     """Load the demo data set; does nothing when it (or other data) is present."""
     now = as_utc(now) if now else utcnow()
     if demo_present(session):
-        return DemoReport(False, ["demo data already present: nothing changed"])
+        return DemoReport(
+            False,
+            [
+                "the database already holds data (a produits entity or contacts):"
+                " the demo was not loaded on top of it"
+            ],
+        )
     lines = []
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +19,7 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from sequencer import tracking
-from sequencer.config import ROOT
+from sequencer.config import ROOT, get_settings
 from sequencer.scheduler import start_scheduler, stop_scheduler
 from sequencer.worker import configure_logging
 
@@ -61,6 +62,13 @@ def run_server(host: str = "127.0.0.1", port: int = 8501) -> None:
     from streamlit.web import bootstrap
 
     configure_logging()
+
+    # Tracking links must reach this server: with no public URL configured,
+    # they point at the port it really listens on, not the default one.
+    if not os.environ.get("SEQUENCER_PUBLIC_URL"):
+        os.environ["SEQUENCER_PUBLIC_URL"] = f"http://localhost:{port}"
+        get_settings.cache_clear()
+    logger.info("tracking links point at %s", get_settings().public_url)
     flags = {
         "server.address": host,
         "server.port": port,
