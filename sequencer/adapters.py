@@ -291,7 +291,16 @@ class ContactAdapter(Adapter):
                 raise ValidationError(
                     subject, "email", f"{email!r} belongs to contact {taken}"
                 )
-        status = str(merged.get("status") or ContactStatus.SUBSCRIBED.value).lower()
+        status = merged.get("status")
+        if is_empty(status):
+            # A blank status (an empty CSV cell, a cleared field) keeps the one
+            # stored: it must never re-subscribe someone who unsubscribed.
+            status = (
+                ContactStatus(row.status).value
+                if row is not None
+                else ContactStatus.SUBSCRIBED.value
+            )
+        status = str(status).strip().lower()
         if status not in {member.value for member in ContactStatus}:
             choices = ", ".join(member.value for member in ContactStatus)
             raise ValidationError(
@@ -392,10 +401,33 @@ class ContactListAdapter(Adapter):
 
 
 class SenderAdapter(Adapter):
-    """Senders: a name and a valid address."""
+    """Senders: a name and a valid address, one sender per address.
+
+    A configuration document matches senders by address, so two senders with
+    one address could not be told apart when it is imported.
+    """
 
     model = Sender
     has_reference = False
+
+    def check(
+        self,
+        session: Session,
+        info: EntityInfo,
+        row: Any | None,
+        merged: dict[str, Any],
+        given: dict[str, Any],
+        subject: str,
+    ) -> None:
+        email = merged.get("email")
+        if "email" in given and email:
+            taken = session.scalars(
+                select(Sender.id).where(func.lower(Sender.email) == str(email).lower())
+            ).first()
+            if taken is not None and (row is None or taken != row.id):
+                raise ValidationError(
+                    subject, "email", f"{email!r} belongs to sender {taken}"
+                )
 
 
 ADAPTERS: dict[str, Adapter] = {

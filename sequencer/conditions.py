@@ -111,6 +111,12 @@ def build(
         ``value 'abc' is not a number``.
     """
     field = f"condition {index}"
+    if not isinstance(rule, dict):
+        raise ValidationError(
+            subject,
+            field,
+            f"must be an object with property, operator and value, not {rule!r}",
+        )
     name = str(rule.get("property") or "").strip()
     kind = property_type(info, name)
     if kind is None:

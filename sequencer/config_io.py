@@ -219,7 +219,7 @@ def _subject(kind: str, spec: dict[str, Any], index: int, key: str = "name") -> 
 def _need(subject: str, spec: dict[str, Any], key: str, kind: type) -> None:
     value = spec.get(key)
     if value is not None and not isinstance(value, kind):
-        wanted = "an object" if kind is dict else "a list"
+        wanted = {dict: "an object", list: "a list"}.get(kind, "text")
         raise ValidationError(subject, key, f"must be {wanted}, not {value!r}")
 
 
@@ -258,11 +258,15 @@ def _check_shape(data: dict[str, Any]) -> None:
     for index, spec in enumerate(_items(data, "entities"), start=1):
         subject = _subject("entity", spec, index)
         _need(subject, spec, "properties", list)
+        _need(subject, spec, "label", str)
+        _need(subject, spec, "name_property", str)
         for prop in spec.get("properties") or []:
             if not isinstance(prop, dict):
                 raise ValidationError(
                     subject, "properties", f"must be objects, not {prop!r}"
                 )
+            _need(subject, prop, "label", str)
+            _need(subject, prop, "type", str)
     for kind, key, specs in (
         ("entity", "name", _items(data, "entities")),
         ("sender", "email", _items(data, "senders")),
@@ -271,10 +275,23 @@ def _check_shape(data: dict[str, Any]) -> None:
         ("sequence", "name", _items(data, "sequences")),
     ):
         _check_unique(kind, key, specs)
-    for index, spec in enumerate(_items(data, "senders"), start=1):
-        _check_id(_subject("sender", spec, index, "email"), spec)
-    for index, spec in enumerate(_items(data, "contact_lists"), start=1):
-        _check_id(_subject("contact list", spec, index), spec)
+    for kind, key, specs in (
+        ("sender", "email", _items(data, "senders")),
+        ("contact list", "name", _items(data, "contact_lists")),
+    ):
+        ids: dict[int, str] = {}
+        for index, spec in enumerate(specs, start=1):
+            subject = _subject(kind, spec, index, key)
+            _check_id(subject, spec)
+            if spec.get("id") is None:
+                continue
+            number = int(spec["id"])
+            if number in ids:
+                # Fields that name this id could not tell which one they mean.
+                raise ValidationError(
+                    subject, "id", f"{number} is also the id of {ids[number]}"
+                )
+            ids[number] = subject
     for index, spec in enumerate(_items(data, "entity_groups"), start=1):
         _need(_subject("entity group", spec, index), spec, "entities", list)
     for index, spec in enumerate(_items(data, "sequences"), start=1):
@@ -328,11 +345,20 @@ def _import_entity(
         )
         report.count("created", "entities")
         return
+    subject = f"entity '{name}'"
     if existing.system:
-        raise ValidationError(f"entity '{name}'", None, "system entities are built in")
+        raise ValidationError(subject, None, "system entities are built in")
     changed = False
     label = spec.get("label") or existing.label
     name_property = spec.get("name_property") or None
+    known = {prop.name for prop in entities.properties_of(session, existing)}
+    known |= {str(prop.get("name") or "") for prop in properties}
+    if name_property is not None and name_property not in known:
+        raise ValidationError(
+            subject, "name_property", f"no property {name_property!r}"
+        )
+    if label != existing.label:
+        label = entities.check_label(session, subject, label, existing.id)
     if (label, name_property) != (existing.label, existing.name_property):
         existing.label, existing.name_property = label, name_property
         existing.updated_at = utcnow()
@@ -349,29 +375,35 @@ def _import_entity(
                 name=prop_name,
                 label=prop_spec.get("label"),
                 type=prop_spec.get("type") or "text",
-                required=bool(prop_spec.get("required", False)),
+                required=_flag(subject, prop_spec, "required", False),
                 commit=False,
             )
             changed = True
-        elif _property_differs(prop, prop_spec):
+        elif _property_differs(subject, prop, prop_spec):
             entities.update_property(
                 session,
                 existing,
                 prop_name,
                 label=prop_spec.get("label"),
                 type=prop_spec.get("type"),
-                required=bool(prop_spec.get("required", False)),
+                required=_flag(subject, prop_spec, "required", False),
                 commit=False,
             )
             changed = True
     report.count("updated" if changed else "unchanged", "entities")
 
 
-def _property_differs(prop: Property, spec: dict[str, Any]) -> bool:
+def _flag(subject: str, spec: dict[str, Any], key: str, default: bool) -> bool:
+    """A yes/no value; ``"false"`` is no, not a non-empty (so true) text."""
+    value = parse_value(PropertyType.BOOLEAN, spec.get(key), subject=subject, field=key)
+    return default if value is None else value
+
+
+def _property_differs(subject: str, prop: Property, spec: dict[str, Any]) -> bool:
     return (
         (spec.get("label") and spec["label"] != prop.label)
         or str(spec.get("type") or "text").lower() != PropertyType(prop.type).value
-        or bool(spec.get("required", False)) != prop.required
+        or _flag(subject, spec, "required", False) != prop.required
     )
 
 
@@ -478,7 +510,9 @@ def _import_sequence(
     name = str(spec.get("name") or "").strip()
     trigger = spec.get("trigger") or {}
     action = spec.get("action") or {}
-    fields = {str(k): str(v) for k, v in (action.get("fields") or {}).items()}
+    fields = {
+        str(k): str(v) for k, v in (action.get("fields") or {}).items() if v is not None
+    }
     target = str(action.get("entity") or EMAILING)
     if describe_name(session, target) == EMAILING:
         if "sender" in fields:
@@ -496,7 +530,7 @@ def _import_sequence(
         target_action=str(action.get("action") or "create"),
         fields=fields,
         reference=action.get("reference"),
-        active=bool(spec.get("active", True)),
+        active=_flag(f"sequence '{name}'", spec, "active", True),
     )
     existing = session.scalars(select(Sequence).where(Sequence.name == name)).first()
     if existing is not None:

@@ -37,7 +37,7 @@ from sequencer.enums import EventStatus, PropertyType, RunOutcome
 from sequencer.exceptions import ImportFileError, NotFoundError, ValidationError
 from sequencer.models import Contact, Record
 from sequencer.records import PendingWrite
-from sequencer.system import CONTACT
+from sequencer.system import CONTACT, SENDER
 from sequencer.timeutil import as_utc, utcnow
 from sequencer.types import is_empty, parse_value, to_json
 
@@ -160,16 +160,19 @@ def read_file(file: bytes | str | Path) -> CsvFile:
         if not any(header):
             raise ImportFileError("the header row is empty")
         rows = []
-        number, start = 1, reader.line_num
+        number, start, last_start = 1, reader.line_num, reader.line_num
         for cells in reader:
             # Row numbers count records as a spreadsheet shows them: a cell
             # with line breaks is still one row.
             number += 1
-            _check_closed(lines, start, delimiter, number)
-            start = reader.line_num
+            last_start, start = start, reader.line_num
             if not any(cell.strip() for cell in cells):
                 continue
             rows.append((number, cells))
+        # The lenient reader runs an unclosed quote to the end of the file, so
+        # only the last record can have swallowed the rows after it.
+        if number > 1:
+            _check_closed(lines, last_start, delimiter, number)
     finally:
         csv.field_size_limit(limit)
     return CsvFile(header, rows, encoding, delimiter)
@@ -554,8 +557,9 @@ def import_csv(
     """Create or update an entity's records from a CSV file.
 
     :param key: the column that finds the record a row updates (a property
-        name or header, or ``id``); by default ``email`` for contacts, ``id``
-        when the file has such a column, otherwise every row is a new record.
+        name or header, or ``id``); by default ``email`` for contacts and
+        senders, ``id`` when the file has such a column, otherwise every row
+        is a new record.
     :raises ImportFileError: when the file as a whole cannot be read.
     """
     now = as_utc(now) if now else utcnow()
@@ -576,7 +580,7 @@ def import_csv(
 def _key(info: EntityInfo, columns: list[Column], key: str | None) -> str | None:
     targets = {column.target for column in columns if column.target}
     if key is None:
-        if info.name == CONTACT and "email" in targets:
+        if info.name in (CONTACT, SENDER) and "email" in targets:
             return "email"
         return "id" if "id" in targets else None
     wanted = key.strip()

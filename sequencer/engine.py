@@ -376,6 +376,18 @@ def _run_careful(state: _Pass, event_id: int) -> None:
                 session.rollback()
                 state.staged, state.rows = [], []
                 logger.info("sequence %s on event %s: %s", _item_id(item), current, exc)
+                # The run is logged as failed: a refused write must not vanish
+                # from the run log without a word.
+                name = item.name if isinstance(item, SequenceSpec) else item[0].name
+                reason = (
+                    f"the database refused the write: {exc.orig}"
+                    if isinstance(exc, DBAPIError)
+                    else str(exc)
+                )
+                state.log(_item_id(item), name, event.id, RunOutcome.ERROR, reason, 0)
+                _insert_runs(session, state.rows)
+                state.rows = []
+                session.commit()
         _mark_processed(session, [current], state.now)
         session.commit()
 
@@ -557,8 +569,10 @@ def _targets(
         if model is Record:
             query = query.where(Record.entity_id == spec.target.id)
         rows = list(session.scalars(query))
-    if not rows and reference.isdigit():
-        row = adapter.load(session, spec.target, int(reference))
+    # ASCII digits only ("²".isdigit() is true) and an id the database can hold.
+    if not rows and reference.isascii() and reference.isdigit():
+        number = int(reference)
+        row = adapter.load(session, spec.target, number) if number < 2**63 else None
         rows = [row] if row is not None else []
     return rows
 

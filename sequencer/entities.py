@@ -81,6 +81,8 @@ def get_entity(session: Session, key: str | int | Entity) -> Entity:
     """
     if isinstance(key, Entity):
         return key
+    if isinstance(key, bool) or not isinstance(key, int | str):
+        raise NotFoundError("entity", key)
     if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
         entity = session.get(Entity, int(key))
     else:
@@ -187,14 +189,42 @@ def _property_row(
         raise ValidationError(
             subject, name, f"type {spec.get('type')!r} is not one of {choices}"
         ) from None
+    from sequencer.types import parse_value
+
+    # "false" written as text is no: bool("false") would make it required.
+    required = parse_value(
+        PropertyType.BOOLEAN,
+        spec.get("required"),
+        subject=subject,
+        field=f"{name}.required",
+    )
     return Property(
         entity_id=entity_id,
         name=name,
         label=str(spec.get("label") or name.replace("_", " ").capitalize()),
         type=kind,
-        required=bool(spec.get("required", False)),
+        required=bool(required),
         position=position,
     )
+
+
+def check_label(
+    session: Session, subject: str, label: str, entity_id: int | None = None
+) -> str:
+    """Refuse a label another entity has (as its label or its name).
+
+    Entities are found by name or label (the CLI's ``import Clients``, a
+    configuration document); two with one label could not be told apart.
+    """
+    text = label.strip()
+    for other in session.scalars(select(Entity)):
+        if other.id == entity_id:
+            continue
+        if text.lower() in (other.label.strip().lower(), other.name):
+            raise ValidationError(
+                subject, "label", f"{text!r} is already entity '{other.name}'"
+            )
+    return text
 
 
 def create_entity(
@@ -217,7 +247,8 @@ def create_entity(
     subject = f"entity '{name}'"
     if session.scalars(select(Entity).where(Entity.name == name)).first():
         raise ValidationError(subject, "name", "an entity with this name exists")
-    entity = Entity(name=name, label=(label or name.capitalize()).strip())
+    entity_label = check_label(session, subject, label or name.capitalize())
+    entity = Entity(name=name, label=entity_label)
     session.add(entity)
     session.flush()
     seen: set[str] = set()
@@ -261,6 +292,8 @@ def add_property(
         raise ValidationError(subject, name, "a property with this name exists")
     spec = {"name": name, "label": label, "type": type, "required": required}
     row = _property_row(subject, entity.id, spec, len(existing))
+    if row.required:
+        _refuse_if_missing(session, entity, name)
     session.add(row)
     session.flush()
     forget(session)
@@ -299,6 +332,8 @@ def update_property(
             subject, entity.id, {"name": name, "type": type}, 0
         ).type
     if required is not None:
+        if required and not row.required:
+            _refuse_if_missing(session, entity, name)
         row.required = required
     session.add(row)
     session.flush()
@@ -324,6 +359,25 @@ def delete_property(
     if commit:
         session.commit()
     logger.info("deleted property %s of entity %s", name, entity.id)
+
+
+def _refuse_if_missing(session: Session, entity: Entity, name: str) -> None:
+    """Refuse to require a value that records already stored do not have.
+
+    Each of them could no longer be saved, by hand or by import, until that
+    value is filled in.
+    """
+    from sequencer.types import is_empty
+
+    stored = session.scalars(select(Record.data).where(Record.entity_id == entity.id))
+    missing = sum(1 for data in stored if is_empty((data or {}).get(name)))
+    if missing:
+        raise ValidationError(
+            f"entity '{entity.name}'",
+            name,
+            f"cannot be required: {missing} stored records have no value; fill "
+            "them in first",
+        )
 
 
 def _refuse_if_used(session: Session, entity: Entity, prop: str | None) -> None:

@@ -171,6 +171,40 @@ def _check_required(info: EntityInfo, merged: dict[str, Any], subject: str) -> N
             raise ValidationError(subject, name, "required")
 
 
+def _check_lengths(info: EntityInfo, merged: dict[str, Any], subject: str) -> None:
+    """Refuse text longer than its column, rather than let the database refuse it.
+
+    PostgreSQL rejects such a row (SQLite would keep it), which would surface
+    as a database error naming no field, or a sequence run lost in a retry.
+    """
+    model = adapters.adapter_for(info).model
+    if model is Record:
+        return
+    columns = model.__table__.c
+    for name, value in merged.items():
+        if isinstance(value, str) and name in columns:
+            length = getattr(columns[name].type, "length", None)
+            if length and len(value) > length:
+                raise ValidationError(
+                    subject,
+                    name,
+                    f"at most {length} characters ({len(value)} given)",
+                )
+
+
+def _reference(raw: Any, subject: str) -> str:
+    """The reference as stored; refused, not cut, when longer than its column.
+
+    A cut reference would never again equal the value an update looks for.
+    """
+    text = str(raw).strip()
+    if len(text) > 255:
+        raise ValidationError(
+            subject, "reference", f"at most 255 characters ({len(text)} given)"
+        )
+    return text
+
+
 def prepare_create(
     session: Session,
     entity: str | int | Entity | EntityInfo,
@@ -192,6 +226,7 @@ def prepare_create(
     merged = dict(parsed)
     _check_required(info, merged, subject)
     adapter.check(session, info, None, merged, parsed, subject)
+    _check_lengths(info, merged, subject)
     for name, value in merged.items():
         parsed[name] = value
     reference = reference if reference is not None else values.get("reference")
@@ -200,7 +235,7 @@ def prepare_create(
     set_attribute(row, "created_at", now)
     set_attribute(row, "updated_at", now)
     if adapter.has_reference and not is_empty(reference):
-        set_attribute(row, "reference", str(reference).strip()[:255])
+        set_attribute(row, "reference", _reference(reference, subject))
     if info.name == EMAILING and cascade and cascade.sequence_id:
         row.sequence_id = cascade.sequence_id
     after = adapter.apply(session, info, row, parsed, now)
@@ -241,6 +276,7 @@ def prepare_update(
     merged = {**current, **parsed}
     _check_required(info, merged, subject)
     adapter.check(session, info, row, merged, parsed, subject)
+    _check_lengths(info, merged, subject)
     changes = {
         name: value
         for name, value in merged.items()
@@ -254,11 +290,13 @@ def prepare_update(
     )
     if not changes and not reference_changed:
         return None
+    if reference_changed and not is_empty(new_reference):
+        new_reference = _reference(new_reference, subject)
 
     old = dict(current)
     after = adapter.apply(session, info, row, changes, now)
     if reference_changed:
-        row.reference = None if is_empty(new_reference) else str(new_reference)[:255]
+        row.reference = None if is_empty(new_reference) else new_reference
     set_attribute(row, "updated_at", now)
     session.add(row)
     return PendingWrite(

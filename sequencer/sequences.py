@@ -114,11 +114,17 @@ def to_model(session: Session, data: SequenceIn) -> Sequence:
     target_action = _choice(RecordAction, data.target_action, subject, "target action")
     match = _choice(Match, data.match or Match.ALL, subject, "match")
 
-    watched = (data.watched_property or "").strip() or None
+    watched = str(data.watched_property or "").strip() or None
     if watched is not None:
         if trigger_action is not RecordAction.UPDATE:
             raise ValidationError(subject, "watched property", "only for Update")
-        trigger.property(watched)
+        if watched not in trigger.properties:
+            known = ", ".join(trigger.properties)
+            raise ValidationError(
+                subject,
+                "watched property",
+                f"{watched}: no such property of {trigger.name} (properties: {known})",
+            )
 
     conditions = []
     for number, rule in enumerate(data.conditions or [], start=1):
@@ -149,7 +155,7 @@ def to_model(session: Session, data: SequenceIn) -> Sequence:
             _check_constant(session, subject, target, field_name, template)
         fields[field_name] = template
 
-    reference = (data.reference or "").strip() or None
+    reference = str(data.reference or "").strip() or None
     check_template(reference, variables, subject=subject, field="reference")
     if target_action is RecordAction.CREATE:
         _check_required(subject, target, fields)
@@ -196,6 +202,10 @@ def _check_constant(
     )
     if target.name != EMAILING or is_empty(value):
         return
+    if name == "status" and str(value).strip().lower() not in ("draft", "pending"):
+        raise ValidationError(
+            subject, name, f"{value!r} is set by the system; choose draft or pending"
+        )
     if name == "sender" and session.get(Sender, value) is None:
         raise ValidationError(subject, name, f"no sender with id {value}")
     if name == "contact_list":

@@ -31,6 +31,9 @@ _TIME = re.compile(r"^(\d{1,2})[:hH](\d{2})(?::(\d{2}))?$")
 _OFFSET = re.compile(r"^([+-])\s*(\d+)\s*([mhdw])$", re.IGNORECASE)
 _BASE_AND_OFFSET = re.compile(r"^(.*\S)\s+([+-]\s*\d+\s*[mhdw])$", re.IGNORECASE)
 _INTEGER_TEXT = re.compile(r"^[+-]?\d+$")
+_TIME_PART = re.compile(
+    r"^\d{1,2}[:hH]\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}:?\d{2})?$"
+)
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -78,6 +81,10 @@ def parse_value(
         return _PARSERS[type](raw, timezone, dayfirst, now)
     except ValueError as exc:
         raise ValidationError(subject, field, str(exc)) from None
+    except OverflowError:
+        raise ValidationError(
+            subject, field, f"value {_text(raw)!r} is out of range"
+        ) from None
 
 
 def _text(raw: Any, *_: Any) -> str:
@@ -99,6 +106,12 @@ def _number(raw: Any, *_: Any) -> int | float:
         return int(raw) if raw.is_integer() else raw
     text = str(raw).strip().replace("\u00a0", "").replace("\u202f", "")
     text = text.replace(" ", "").replace("'", "")
+    if "_" in text:
+        # float() reads "12_5" as 125: no spreadsheet writes numbers that way.
+        raise ValueError(f"value {str(raw)!r} is not a number")
+    if _INTEGER_TEXT.match(text):
+        # Exactly, without a detour through float and its 53 bits.
+        return int(text)
     if "," in text and "." in text:
         # The last separator is the decimal one: 1.234,5 or 1,234.5.
         thousands = "." if text.rfind(",") > text.rfind(".") else ","
@@ -142,8 +155,16 @@ def _date(raw: Any, _tz: Any, dayfirst: bool | None, _now: Any) -> date:
     if isinstance(raw, date):
         return raw
     text = str(raw).strip()
+    if match := _BASE_AND_OFFSET.match(text):
+        offset = _OFFSET.match(match.group(2).replace(" ", ""))
+        if offset is not None:
+            base = _date(match.group(1), _tz, dayfirst, _now)
+            moment = datetime(base.year, base.month, base.day) + _offset(offset)
+            return moment.date()
     # A date-time written where a date is expected keeps its date part.
-    head = re.split(r"[T ]", text, maxsplit=1)[0]
+    head, *rest = re.split(r"[T ]", text, maxsplit=1)
+    if rest and not _TIME_PART.match(rest[0].strip()):
+        raise ValueError(f"value {text!r} is not a date (use 31/12/2026 or 2026-12-31)")
     if match := _ISO_DATE.match(head):
         year, month, day = (int(part) for part in match.groups())
         return _checked_date(text, year, month, day)
@@ -189,13 +210,26 @@ def _datetime(
         return as_utc(now) if now else as_utc(datetime.now(zone))
     if match := _OFFSET.match(text):
         start = as_utc(now) if now else as_utc(datetime.now(zone))
-        return start + _offset(match)
+        return _shift(start, match, zone)
     if match := _BASE_AND_OFFSET.match(text):
         base = _datetime(match.group(1), timezone, dayfirst, now)
         offset = _OFFSET.match(match.group(2).replace(" ", ""))
         if offset is not None:
-            return base + _offset(offset)
+            return _shift(base, offset, zone)
     return as_utc(_absolute(text, zone, dayfirst))
+
+
+def _shift(moment: datetime, match: re.Match[str], zone: ZoneInfo) -> datetime:
+    """``moment`` moved by an offset: days and weeks keep the wall-clock time.
+
+    ``{created_at} +1d`` from 09:00 on the eve of a change of clocks means
+    09:00 the next day in the users' zone, not 24 hours later (08:00 or
+    10:00); minutes and hours are exact durations.
+    """
+    if match.group(3).lower() in ("d", "w"):
+        wall = as_utc(moment).astimezone(zone).replace(tzinfo=None) + _offset(match)
+        return as_utc(wall.replace(tzinfo=zone))
+    return as_utc(moment) + _offset(match)
 
 
 def _offset(match: re.Match[str]) -> timedelta:
@@ -328,7 +362,8 @@ def format_value(
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
+        # float() first: a numpy float from a DataFrame reprs as np.float64(...).
+        return str(int(value)) if value.is_integer() else repr(float(value))
     if isinstance(value, datetime):
         local = as_utc(value).astimezone(ZoneInfo(timezone or get_settings().timezone))
         pattern = "%Y-%m-%d %H:%M" if local.second == 0 else "%Y-%m-%d %H:%M:%S"

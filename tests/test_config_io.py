@@ -12,9 +12,11 @@ from sqlmodel import Session, select
 
 from sequencer.config import DATA_DIR
 from sequencer.config_io import export_config, import_config
+from sequencer.entities import properties_of
 from sequencer.exceptions import ImportFileError, ValidationError
 from sequencer.groups import create_group
 from sequencer.models import ContactList, Entity, Sender, Sequence
+from sequencer.records import create_record, update_record
 
 EXAMPLE = DATA_DIR / "config.example.json"
 
@@ -135,6 +137,16 @@ def test_changed_property_is_updated_in_place(session: Session) -> None:
             ValidationError,
             "sequence 'Stock bas': fields: must be an object",
         ),
+        (
+            lambda d: d["entities"][0].update(label=["Clients"]),
+            ValidationError,
+            "entity 'clients': label: must be text",
+        ),
+        (
+            lambda d: d["contact_lists"].append({"id": 1, "name": "Autre"}),
+            ValidationError,
+            "contact list 'Autre': id: 1 is also the id of contact list 'Newsletter'",
+        ),
     ],
 )
 def test_misshapen_document_is_refused_naming_the_object(
@@ -168,3 +180,103 @@ def test_file_that_is_not_utf8_is_refused(session: Session, tmp_path: Path) -> N
 
     with pytest.raises(ImportFileError, match="is not UTF-8 text"):
         import_config(session, path)
+
+
+def test_flags_written_as_text_false_are_read_as_no(session: Session) -> None:
+    document = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    document["sequences"][0]["active"] = "false"
+    document["entities"][1]["properties"][2]["required"] = "false"
+
+    import_config(session, document)
+
+    stock = session.exec(select(Sequence).where(Sequence.name == "Stock bas")).one()
+    assert stock.active is False
+    props = {p.name: p for p in properties_of(session, "produits")}
+    assert props[document["entities"][1]["properties"][2]["name"]].required is False
+
+
+def test_unknown_name_property_on_an_existing_entity_is_refused(
+    session: Session,
+) -> None:
+    document = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    import_config(session, document)
+    before = export_config(session)
+    document["entities"][0]["name_property"] = "nope"
+    document["entities"][0]["label"] = "Changed"
+
+    with pytest.raises(ValidationError, match="entity 'clients': name_property"):
+        import_config(session, document)
+
+    assert export_config(session) == before
+
+
+def test_required_property_that_stored_records_lack_is_refused(
+    session: Session,
+) -> None:
+    document = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    import_config(session, document)
+    create_record(session, "clients", {"nom": "Durand", "email": "d@example.com"})
+    before = export_config(session)
+    document["entities"][0]["properties"].append(
+        {"name": "siret", "type": "text", "required": True}
+    )
+    document["entities"][0]["label"] = "Changed"
+
+    with pytest.raises(
+        ValidationError, match="entity 'clients': siret: cannot be required: 1 stored"
+    ):
+        import_config(session, document)
+
+    assert export_config(session) == before
+    update_record(session, "clients", 1, {"ville": "Lyon"})
+
+
+def test_numbers_where_text_is_expected_do_not_crash_the_import(
+    session: Session,
+) -> None:
+    document = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    stock = document["sequences"][0]
+    stock["trigger"]["watch"] = 5
+    stock["action"]["fields"]["html"] = None
+
+    with pytest.raises(
+        ValidationError, match="sequence 'Stock bas': watched property: 5: no such"
+    ):
+        import_config(session, document)
+
+    stock["trigger"]["watch"] = "quantite"
+    import_config(session, document)
+    saved = session.exec(select(Sequence).where(Sequence.name == "Stock bas")).one()
+    assert "html" not in saved.fields
+
+
+def test_entity_label_already_used_by_another_entity_is_refused(
+    session: Session,
+) -> None:
+    document = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    twin = json.loads(json.dumps(document["entities"][0]))
+    twin["name"] = "clients_bis"
+    document["entities"].append(twin)
+
+    with pytest.raises(
+        ValidationError,
+        match="entity 'clients_bis': label: 'Clients' is already entity 'clients'",
+    ):
+        import_config(session, document)
+
+    assert session.exec(select(Entity).where(Entity.system.is_(False))).all() == []
+
+
+@pytest.mark.parametrize("key", [None, True, 2.5])
+def test_group_naming_an_entity_by_a_non_name_is_refused(
+    session: Session, key: object
+) -> None:
+    document = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    document["entity_groups"][0]["entities"].append(key)
+
+    with pytest.raises(
+        ValidationError, match=f"entity group 'Ventes': entities: no entity {key!r}"
+    ):
+        import_config(session, document)
+
+    assert session.exec(select(Entity).where(Entity.system.is_(False))).all() == []

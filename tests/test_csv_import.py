@@ -12,7 +12,7 @@ from sqlmodel import Session, select
 from sequencer.csv_import import import_csv, preview_csv
 from sequencer.entities import create_entity
 from sequencer.exceptions import ImportFileError
-from sequencer.models import Contact, Emailing
+from sequencer.models import Contact, Emailing, Sender
 from sequencer.records import list_records
 
 
@@ -276,3 +276,26 @@ def test_reference_column_is_not_taken_by_a_property_labelled_reference(
     frame = list_records(session, "stock")
     assert list(frame["sku"]) == ["A1", "B2"]
     assert frame["reference"].iloc[0] == "lot-7"
+
+
+def test_blank_status_cell_keeps_a_contact_unsubscribed(session: Session) -> None:
+    import_csv(session, "contact", b"email,name,status\nu@example.com,U,unsubscribed\n")
+
+    report = import_csv(session, "contact", b"email,name,status\nu@example.com,V,\n")
+
+    assert (report.updated, report.rejected) == (1, [])
+    session.expire_all()
+    (contact,) = session.exec(select(Contact)).all()
+    assert (contact.name, contact.status) == ("V", "unsubscribed")
+
+
+def test_senders_are_matched_by_email_so_a_file_cannot_duplicate_one(
+    session: Session,
+) -> None:
+    data = b"name,email\nBoutique,shop@example.com\nBoutique bis,SHOP@example.com\n"
+
+    report = import_csv(session, "sender", data)
+
+    assert (report.created, report.updated, report.rejected) == (1, 1, [])
+    (sender,) = session.exec(select(Sender)).all()
+    assert (sender.name, sender.email) == ("Boutique bis", "shop@example.com")

@@ -9,6 +9,7 @@ import factories
 import pytest
 from factories import NOW
 from sqlalchemy import Engine, func
+from sqlalchemy.exc import DataError
 from sqlmodel import Session, select
 
 from sequencer import engine as sequence_engine
@@ -432,3 +433,77 @@ def test_run_log_lists_errors_first(session: Session, shop: dict) -> None:
 
     assert list(log["outcome"]) == ["error", "skipped"]
     assert log.loc[0, "changed"] == "quantite" and log.loc[0, "entity"] == "produits"
+
+
+@pytest.mark.parametrize("reference", ["²", "٣", "99999999999999999999"])
+def test_update_action_with_an_odd_numeric_reference_is_skipped_cleanly(
+    session: Session, reference: str
+) -> None:
+    factories.clients_and_orders(session)
+    create_record(session, "clients", {"nom": "Bistrot"})
+    save_sequence(
+        session,
+        SequenceIn(
+            name="Par statut",
+            trigger_entity="commandes",
+            trigger_action="create",
+            target_entity="clients",
+            target_action="update",
+            fields={"derniere_commande": "{numero}"},
+            reference="{statut}",
+        ),
+    )
+
+    create_record(session, "commandes", {"numero": "CMD-9", "statut": reference})
+
+    (run,) = runs(session)
+    assert (run.outcome, run.message) == (
+        RunOutcome.SKIPPED,
+        "no clients record to change",
+    )
+
+
+def test_run_refused_by_the_database_is_logged_as_an_error(
+    session: Session, shop: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    product = factories.product(session, name="Café", quantite=50)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise DataError("INSERT ...", {}, Exception("value too long"))
+
+    monkeypatch.setattr(sequence_engine, "_act", refuse)
+    update_record(session, "produits", product["id"], {"quantite": 5}, now=NOW)
+
+    (run,) = runs(session)
+    assert run.outcome is RunOutcome.ERROR
+    assert run.message == "the database refused the write: value too long"
+    assert get_record(session, "produits", product["id"])["quantite"] == 5
+
+
+def test_send_at_a_day_after_creation_keeps_the_hour_across_a_clock_change(
+    session: Session,
+) -> None:
+    factories.products(session)
+    sender_id, list_id = factories.sender(session), factories.contact_list(session)
+    save_sequence(
+        session,
+        SequenceIn(
+            name="Relance",
+            trigger_entity="produits",
+            trigger_action="create",
+            target_entity="emailing",
+            fields={
+                "subject": "{name}",
+                "message": "x",
+                "sender": str(sender_id),
+                "contact_list": f"[{list_id}]",
+                "send_at": "{created_at} +1d",
+            },
+        ),  # fmt: skip
+    )
+    saturday = datetime(2026, 10, 24, 7, 0, tzinfo=UTC)  # 09:00 in Paris
+
+    create_record(session, "produits", {"name": "Thé"}, now=saturday)
+
+    (emailing,) = emailings(session)
+    assert emailing.send_at == datetime(2026, 10, 25, 8, 0, tzinfo=UTC)

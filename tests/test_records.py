@@ -11,7 +11,14 @@ from sqlmodel import Session, select
 
 from sequencer.enums import EventStatus, RecordAction
 from sequencer.exceptions import NotFoundError, ValidationError
-from sequencer.models import ContactListMember, ContactTag, Emailing, Event, Record
+from sequencer.models import (
+    ContactListMember,
+    ContactTag,
+    Emailing,
+    Event,
+    Record,
+    Sender,
+)
 from sequencer.records import (
     create_record,
     delete_record,
@@ -213,3 +220,79 @@ def test_sent_emailing_can_no_longer_change(session: Session) -> None:
 
     with pytest.raises(ValidationError, match="it is sent and can no longer change"):
         update_record(session, "emailing", record["id"], {"subject": "Autre"})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"quantite": "12_5"}, "produits: quantite: value '12_5' is not a number"),
+        ({"livraison": "2026-02-01 +3x"}, "produits: livraison: value .* not a date"),
+        ({"livraison": "31/12/9999 +1d"}, "produits: livraison: value .* out of range"),
+    ],
+)
+def test_create_with_misread_value_is_refused_and_stores_nothing(
+    session: Session, values: dict, message: str
+) -> None:
+    factories.products(session)
+
+    with pytest.raises(ValidationError, match=message):
+        create_record(session, "produits", {"name": "Café", **values})
+
+    assert session.exec(select(Record)).all() == []
+    assert events(session) == []
+
+
+def test_update_with_empty_status_keeps_a_contact_unsubscribed(
+    session: Session,
+) -> None:
+    values = {"email": "u@example.com", "status": "unsubscribed"}
+    contact_id = create_record(session, "contact", values).record["id"]
+
+    result = update_record(session, "contact", contact_id, {"status": None})
+
+    assert result.record["status"] == "unsubscribed"
+    assert get_record(session, "contact", contact_id)["status"] == "unsubscribed"
+
+
+def test_create_sender_with_an_address_already_used_is_refused(
+    session: Session,
+) -> None:
+    first = factories.sender(session, "shop@example.com")
+
+    with pytest.raises(
+        ValidationError, match=f"sender: email: 'shop@example.com' belongs to sender "
+        f"{first}"
+    ):  # fmt: skip
+        create_record(session, "sender", {"name": "Autre", "email": "SHOP@example.com"})
+
+    assert len(session.exec(select(Sender)).all()) == 1
+
+
+def test_create_emailing_with_a_subject_too_long_names_the_field(
+    session: Session,
+) -> None:
+    sender_id = factories.sender(session)
+    values = {"subject": "x" * 999, "message": "m", "sender": sender_id,
+              "send_at": "now"}  # fmt: skip
+
+    with pytest.raises(
+        ValidationError, match=r"emailing: subject: at most 998 characters \(999"
+    ):
+        create_record(session, "emailing", values)
+
+    assert session.exec(select(Emailing)).all() == []
+
+
+def test_reference_longer_than_its_column_is_refused_not_cut(
+    session: Session,
+) -> None:
+    factories.products(session)
+    long = "r" * 256
+
+    with pytest.raises(ValidationError, match="produits: reference: at most 255"):
+        create_record(session, "produits", {"name": "Café", "reference": long})
+    record = create_record(session, "produits", {"name": "Café"}).record
+    with pytest.raises(ValidationError, match=r"produits \d+: reference: at most"):
+        update_record(session, "produits", record["id"], {"reference": long})
+
+    assert [r.reference for r in session.exec(select(Record))] == [None]

@@ -210,3 +210,39 @@ def test_delete_removes_the_sequence_and_its_runs(session: Session, ids: dict) -
 
     assert session.exec(select(Sequence)).all() == []
     assert list_sequences(session).empty
+
+
+def test_watched_property_error_names_the_sequence(session: Session, ids: dict) -> None:
+    with pytest.raises(
+        ValidationError, match="sequence 'Stock bas': watched property: stock: "
+    ):
+        save_sequence(session, stock(ids, watched_property="stock"))
+
+
+def test_condition_that_is_not_an_object_is_refused_naming_it(
+    session: Session, ids: dict
+) -> None:
+    with pytest.raises(
+        ValidationError, match="sequence 'Stock bas': condition 1: must be an object"
+    ):
+        save_sequence(session, stock(ids, conditions=["quantite < 10"]))
+
+    assert session.exec(select(Sequence)).all() == []
+
+
+@pytest.mark.parametrize("status", ["sent", "sending", "whatever"])
+def test_emailing_status_set_by_the_system_is_refused_at_save(
+    session: Session, ids: dict, status: str
+) -> None:
+    fields = {**stock(ids).fields, "status": status}
+
+    with pytest.raises(ValidationError, match="status: .* choose draft or pending"):
+        save_sequence(session, stock(ids, fields=fields))
+
+    assert session.exec(select(Sequence)).all() == []
+
+
+def test_emailing_status_draft_is_accepted(session: Session, ids: dict) -> None:
+    fields = {**stock(ids).fields, "status": "draft"}
+
+    assert save_sequence(session, stock(ids, fields=fields)).sequence.id

@@ -126,3 +126,57 @@ def test_empty_table_cells_read_as_nothing() -> None:
     assert read(T.NUMBER, float("nan")) is None
     assert read(T.DATE, pd.NaT) is None
     assert read(T.INTEGER, np.int64(5)) == 5
+
+
+def test_number_refuses_underscores_python_would_accept() -> None:
+    with pytest.raises(ValidationError, match="value '12_5' is not a number"):
+        read(T.NUMBER, "12_5")
+
+
+def test_integer_beyond_float_precision_is_read_exactly() -> None:
+    assert read(T.INTEGER, "99999999999999999999999") == 99999999999999999999999
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw"),
+    [(T.DATETIME, "+99999999d"), (T.DATETIME, "9999-12-31T23:59-05:00"),
+     (T.DATETIME, "+9999999999999999999999w"), (T.DATE, "31/12/9999 +1d")],
+)  # fmt: skip
+def test_out_of_range_moment_is_a_validation_error(kind: T, raw: str) -> None:
+    with pytest.raises(ValidationError, match=r"produits: x: value .* out of range"):
+        read(kind, raw, now=NOW)
+
+
+def test_date_applies_an_offset_instead_of_dropping_it() -> None:
+    assert read(T.DATE, "2026-02-01 +1d") == date(2026, 2, 2)
+    assert read(T.DATE, "31/01/2026 +2w") == date(2026, 2, 14)
+
+
+@pytest.mark.parametrize("raw", ["2026-02-01 +3x", "2026-02-01 foo", "01/02/2026 !"])
+def test_date_with_trailing_text_is_refused(raw: str) -> None:
+    with pytest.raises(ValidationError, match="is not a date"):
+        read(T.DATE, raw)
+
+
+def test_day_offsets_keep_the_wall_clock_time_across_a_change_of_clocks() -> None:
+    before_autumn = datetime(2026, 10, 24, 7, 0, tzinfo=UTC)  # 09:00 in Paris
+    assert read(T.DATETIME, "+1d", now=before_autumn, timezone="Europe/Paris") == (
+        datetime(2026, 10, 25, 8, 0, tzinfo=UTC)  # 09:00 in Paris, winter time
+    )
+    assert read(T.DATETIME, "24/10/2026 09:00 +1w", timezone="Europe/Paris") == (
+        datetime(2026, 10, 31, 8, 0, tzinfo=UTC)
+    )
+    assert read(T.DATETIME, "+24h", now=before_autumn) == datetime(
+        2026, 10, 25, 7, 0, tzinfo=UTC
+    )
+
+
+def test_day_offset_landing_in_the_spring_gap_moves_forward() -> None:
+    value = read(T.DATETIME, "28/03/2026 02:30 +1d", timezone="Europe/Paris")
+    assert value == datetime(2026, 3, 29, 1, 30, tzinfo=UTC)  # 03:30 summer time
+
+
+def test_format_value_of_a_numpy_float_reads_as_a_plain_number() -> None:
+    value = np.float64(31347.75)
+
+    assert format_value(T.NUMBER, value) == "31347.75"
