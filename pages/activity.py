@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import ui
-from sequencer import engine, sequences
+from sequencer import runlog, sequences
 from sequencer.enums import RunOutcome
 
 st.title("Activity")
@@ -34,7 +34,7 @@ sequence_id = sequence_col.selectbox(
 limit = limit_col.selectbox("Show", [100, 500, 2000], index=1, key="activity_limit")
 
 with ui.session() as session:
-    runs = engine.list_runs(
+    runs = runlog.list_runs(
         session, outcome=outcome, sequence_id=sequence_id, limit=limit
     )
 

@@ -15,7 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from pages import ui
-from sequencer import engine, entities, records, sequences, templating
+from sequencer import dryrun, entities, records, sequences, templating
 from sequencer.enums import Match, Operator, PropertyType, RecordAction
 from sequencer.exceptions import SequencerError, ValidationError
 from sequencer.system import CONTACT_LIST, EMAILING, SENDER
@@ -231,7 +231,7 @@ def _preview(target_properties: list) -> None:
         return
     try:
         with ui.session() as session:
-            result = engine.dry_run(session, _sequence_in(target_properties), record_id)
+            result = dryrun.dry_run(session, _sequence_in(target_properties), record_id)
     except SequencerError as exc:
         st.error(str(exc))
         return

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pandas as pd
 from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
@@ -32,7 +31,7 @@ from sequencer.db import get_engine, is_postgres
 from sequencer.entities import EntityInfo, describe
 from sequencer.enums import EventStatus, Match, PropertyType, RecordAction, RunOutcome
 from sequencer.exceptions import NotFoundError, SequencerError, ValidationError
-from sequencer.models import Entity, Event, Record, Sequence, SequenceRun
+from sequencer.models import Event, Record, Sequence, SequenceRun
 from sequencer.records import Cascade, PendingWrite, RunSummary
 from sequencer.templating import render
 from sequencer.timeutil import as_utc, utcnow
@@ -539,7 +538,7 @@ def _act(
         return [write]
 
     writes = []
-    for row in _targets(session, spec, event, reference):
+    for row in targets_of(session, spec, event, reference):
         try:
             write = records.prepare_update(session, spec.target, row, values, now=now)
         except (ValidationError, NotFoundError) as exc:
@@ -550,7 +549,7 @@ def _act(
     return writes
 
 
-def _targets(
+def targets_of(
     session: Session, spec: SequenceSpec, event: Event, reference: str | None
 ) -> list[Any]:
     """The records an Update action changes: by reference, by id, or itself."""
@@ -639,192 +638,6 @@ def _process_pending(
         processed += len(ids)
         logger.info("worker %s processed %s events", worker_id, len(ids))
     return processed
-
-
-# --- Dry run and the run log -----------------------------------------------------
-
-
-@dataclass
-class ConditionResult:
-    """One condition of a dry run."""
-
-    condition: str
-    result: bool
-
-
-@dataclass
-class DryRun:
-    """What a sequence would do on a record, computed without writing anything."""
-
-    conditions: list[ConditionResult]
-    fields: dict[str, str]
-    reference: str | None
-    would_run: bool
-    errors: list[str]
-    targets: list[int] = field(default_factory=list)
-    """For an Update action: the ids of the records it would change."""
-
-
-def dry_run(
-    session: Session,
-    sequence: Sequence | Any,
-    record_id: int,
-    *,
-    now: datetime | None = None,
-) -> DryRun:
-    """Evaluate a sequence (saved or a ``SequenceIn`` being edited) on a record.
-
-    The record is treated as just created for a Create trigger, or as just
-    updated with every value changed for an Update trigger.
-    """
-    from sequencer.sequences import SequenceIn, to_model
-
-    now = as_utc(now) if now else utcnow()
-    errors: list[str] = []
-    model = (
-        to_model(session, sequence) if isinstance(sequence, SequenceIn) else sequence
-    )
-    try:
-        spec = spec_of(session, model)
-    except (ValidationError, NotFoundError) as exc:
-        return DryRun([], {}, None, False, [str(exc)])
-    record = records.get_record(session, spec.trigger, record_id)
-    new = records.record_json(spec.trigger, record)
-    old = {} if spec.trigger_action is RecordAction.UPDATE else None
-    results = [
-        ConditionResult(rule.describe(), evaluate(rule, old, new, now=now))
-        for rule in spec.conditions
-    ]
-    flags = [item.result for item in results]
-    holds = not flags or (all(flags) if spec.match is Match.ALL else any(flags))
-    context = trigger_context(spec, new)
-    rendered: dict[str, str] = {}
-    for name, template in spec.fields.items():
-        try:
-            rendered[name] = render(
-                template, context, html=name == "html", subject=spec.subject, field=name
-            )
-        except ValidationError as exc:
-            errors.append(str(exc))
-    reference = None
-    try:
-        if spec.reference:
-            reference = render(
-                spec.reference,
-                context,
-                html=False,
-                subject=spec.subject,
-                field="reference",
-            )
-        elif spec.target_action is RecordAction.CREATE:
-            reference = f"{spec.trigger.name}/{record_id}"
-    except ValidationError as exc:
-        errors.append(str(exc))
-    targets: list[int] = []
-    if not errors:
-        errors += _dry_validate(
-            session, spec, rendered, reference, record_id, now, targets
-        )
-    return DryRun(results, rendered, reference, holds and not errors, errors, targets)
-
-
-def _dry_validate(
-    session: Session,
-    spec: SequenceSpec,
-    rendered: dict[str, str],
-    reference: str | None,
-    record_id: int,
-    now: datetime,
-    targets: list[int],
-) -> list[str]:
-    """Validate the rendered fields as the action would, then undo everything."""
-    values = {
-        name: (None if value == "" else value) for name, value in rendered.items()
-    }
-    try:
-        with session.no_autoflush:
-            if spec.target_action is RecordAction.CREATE:
-                records.prepare_create(
-                    session, spec.target, values, reference=reference, now=now
-                )
-                return []
-            fake = Event(
-                entity_id=spec.trigger.id,
-                record_id=record_id,
-                action=RecordAction.UPDATE,
-            )
-            for row in _targets(session, spec, fake, reference):
-                targets.append(row.id)
-                records.prepare_update(session, spec.target, row, values, now=now)
-    except (ValidationError, NotFoundError) as exc:
-        return [str(exc)]
-    finally:
-        # Nothing a dry run staged may reach the database.
-        session.rollback()
-    return []
-
-
-def list_runs(
-    session: Session,
-    *,
-    outcome: RunOutcome | str | None = None,
-    sequence_id: int | None = None,
-    limit: int = 500,
-) -> pd.DataFrame:
-    """The run log, errors first then newest first, with the event each ran on."""
-    query = (
-        select(SequenceRun, Sequence.name, Event, Entity.name)
-        .join(Sequence, Sequence.id == SequenceRun.sequence_id)
-        .join(Event, Event.id == SequenceRun.event_id)
-        .join(Entity, Entity.id == Event.entity_id)
-    )
-    if outcome:
-        query = query.where(SequenceRun.outcome == RunOutcome(outcome))
-    if sequence_id is not None:
-        query = query.where(SequenceRun.sequence_id == sequence_id)
-    is_error = (SequenceRun.outcome == RunOutcome.ERROR).desc()
-    query = query.order_by(
-        is_error, SequenceRun.created_at.desc(), SequenceRun.id.desc()
-    )
-    rows = []
-    for run, name, event, entity_name in session.execute(query.limit(limit)):
-        rows.append(
-            {
-                "id": run.id,
-                "time": run.created_at,
-                "sequence_id": run.sequence_id,
-                "sequence": name,
-                "event_id": event.id,
-                "entity": entity_name,
-                "record_id": event.record_id,
-                "action": RecordAction(event.action).value,
-                "changed": ", ".join(event.changed or []),
-                "outcome": RunOutcome(run.outcome).value,
-                "message": run.message,
-                "records": ", ".join(
-                    f"{r['entity']}/{r['id']}" for r in run.records or []
-                ),
-                "duration_ms": run.duration_ms,
-                "depth": event.depth,
-            }
-        )
-    columns = [
-        "id",
-        "time",
-        "sequence_id",
-        "sequence",
-        "event_id",
-        "entity",
-        "record_id",
-        "action",
-        "changed",
-        "outcome",
-        "message",
-        "records",
-        "duration_ms",
-        "depth",
-    ]
-    return pd.DataFrame(rows, columns=columns)
 
 
 def pending_count(session: Session) -> int:

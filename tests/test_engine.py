@@ -12,6 +12,7 @@ from sqlalchemy import Engine, func
 from sqlalchemy.exc import DataError
 from sqlmodel import Session, select
 
+from sequencer import dryrun, runlog
 from sequencer import engine as sequence_engine
 from sequencer.entities import create_entity
 from sequencer.enums import EventStatus, RunOutcome
@@ -392,7 +393,7 @@ def test_dry_run_shows_conditions_and_fields_without_writing(
     record = factories.product(session, name="Thé", quantite=4)
     sequence = session.get(Sequence, shop["sequence"])
 
-    result = sequence_engine.dry_run(session, sequence, record["id"], now=NOW)
+    result = dryrun.dry_run(session, sequence, record["id"], now=NOW)
 
     assert [(c.condition, c.result) for c in result.conditions] == [
         ("quantite < 10", True)
@@ -416,7 +417,7 @@ def test_dry_run_reports_a_field_that_would_fail(session: Session, shop: dict) -
         },
     )
 
-    result = sequence_engine.dry_run(session, data, record["id"], now=NOW)
+    result = dryrun.dry_run(session, data, record["id"], now=NOW)
 
     assert not result.would_run
     assert result.errors == ["emailing: sender: no such sender (50)"]
@@ -429,7 +430,7 @@ def test_run_log_lists_errors_first(session: Session, shop: dict) -> None:
     session.commit()
     update_record(session, "produits", first["id"], {"quantite": 5})
 
-    log = sequence_engine.list_runs(session)
+    log = runlog.list_runs(session)
 
     assert list(log["outcome"]) == ["error", "skipped"]
     assert log.loc[0, "changed"] == "quantite" and log.loc[0, "entity"] == "produits"
