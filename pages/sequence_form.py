@@ -16,6 +16,7 @@ import streamlit as st
 
 from pages import ui
 from sequencer import dryrun, entities, records, sequences, templating
+from sequencer.conditions import OPERATOR_LABELS
 from sequencer.enums import Match, Operator, PropertyType, RecordAction
 from sequencer.exceptions import SequencerError, ValidationError
 from sequencer.system import CONTACT_LIST, EMAILING, SENDER
@@ -23,23 +24,7 @@ from sequencer.system import CONTACT_LIST, EMAILING, SENDER
 LIST_PAGE = "pages/sequences.py"
 STATE_PREFIX = "seq_"
 ERRORS = ui.FieldErrors("seq_errors")
-OPERATORS = {
-    Operator.EQUALS: "equals",
-    Operator.NOT_EQUALS: "not equals",
-    Operator.LT: "<",
-    Operator.LTE: "<=",
-    Operator.GT: ">",
-    Operator.GTE: ">=",
-    Operator.CONTAINS: "contains",
-    Operator.NOT_CONTAINS: "does not contain",
-    Operator.STARTS_WITH: "starts with",
-    Operator.IS_EMPTY: "is empty",
-    Operator.IS_NOT_EMPTY: "is not empty",
-    Operator.IS_ONE_OF: "is one of",
-    Operator.CHANGED: "changed",
-    Operator.CHANGED_FROM: "changed from",
-    Operator.CHANGED_TO: "changed to",
-}
+OPERATORS = OPERATOR_LABELS
 NO_VALUE = {Operator.IS_EMPTY, Operator.IS_NOT_EMPTY, Operator.CHANGED}
 LONG_FIELDS = {"message", "html"}
 BOOLEAN_CHOICES = {"": "(not set)", "true": "Yes", "false": "No"}
