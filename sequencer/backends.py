@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import smtplib
 import ssl
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -130,6 +132,43 @@ class SMTPConfig:
         return f"SMTP server {user}{self.host}:{self.port} ({security})"
 
 
+class _SMTP(smtplib.SMTP):
+    """``smtplib.SMTP`` writing plain envelope addresses as they are.
+
+    The sender writes ``MAIL FROM`` and ``RCPT TO`` from addresses that
+    ``message.make_address`` checked; smtplib would parse each again with
+    ``email.utils.parseaddr``, a good part of its work for a message.
+    """
+
+    def mail(self, sender: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
+        utf8 = any(option.lower() == "smtputf8" for option in options)
+        if utf8 or not _plain_address(sender):
+            return super().mail(sender, options)
+        self.putcmd("mail", f"FROM:<{sender}>{self._options(options)}")
+        return self.getreply()
+
+    def rcpt(self, recip: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
+        if not _plain_address(recip):
+            return super().rcpt(recip, options)
+        self.putcmd("rcpt", f"TO:<{recip}>{self._options(options)}")
+        return self.getreply()
+
+    def _options(self, options: Sequence[str]) -> str:
+        return " " + " ".join(options) if options and self.does_esmtp else ""
+
+
+class _SMTPSSL(_SMTP, smtplib.SMTP_SSL):
+    """``smtplib.SMTP_SSL`` writing plain envelope addresses as they are."""
+
+
+_ADDR_SPEC = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
+
+
+def _plain_address(address: str) -> bool:
+    """True for ``local@domain`` that smtplib's parsing would leave unchanged."""
+    return _ADDR_SPEC.fullmatch(address) is not None
+
+
 class SMTPConnection:
     """A reused SMTP session; it reconnects lazily after the server drops it."""
 
@@ -142,14 +181,14 @@ class SMTPConnection:
         config = self.config
         try:
             if config.ssl:
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                smtp: smtplib.SMTP = _SMTPSSL(
                     config.host,
                     config.port,
                     timeout=config.timeout,
                     context=ssl.create_default_context(),
                 )
             else:
-                smtp = smtplib.SMTP(config.host, config.port, timeout=config.timeout)
+                smtp = _SMTP(config.host, config.port, timeout=config.timeout)
             smtp.ehlo()
             if config.starttls:
                 smtp.starttls(context=ssl.create_default_context())

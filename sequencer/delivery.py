@@ -27,11 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
     Engine,
     String,
+    and_,
     bindparam,
     cast,
     exists,
@@ -40,7 +42,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.dml import Update
 from sqlmodel import Session
 
 from sequencer import tracking
@@ -230,14 +233,62 @@ def _sending_ids(engine: Engine) -> list[int]:
 # --- Delivery claims and outcomes ----------------------------------------------
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """A delivery claimed for sending, with what its message needs of the contact."""
+
+    id: int
+    contact_id: int | None
+    email: str
+    attempts: int
+    name: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
 def claim_batch(
     engine: Engine, emailing_id: int, *, worker_id: str, now: datetime, size: int
-) -> list[Row[Any]]:
+) -> list[Claimed]:
     """Claim up to ``size`` queued deliveries of a sending emailing, atomically.
 
-    Nothing is claimed once the emailing left ``sending`` (cancelled): that is
-    how a cancel stops a send between batches.
+    Their contacts' names and attributes are read in the same transaction.
+    Nothing is claimed once the emailing left ``sending`` (cancelled): that
+    is how a cancel stops a send between batches.
     """
+    params = {
+        "b_emailing": emailing_id,
+        "b_worker": worker_id,
+        "b_now": now,
+        "b_size": size,
+    }
+    statement = _claim_statement(postgres=is_postgres(engine))
+    with _writing(engine) as connection:
+        rows = connection.execute(statement, params).all()
+        wanted = [row.contact_id for row in rows if row.contact_id is not None]
+        contacts = {
+            contact.id: contact
+            for contact in connection.execute(_CONTACTS, {"b_ids": wanted})
+        }
+    claimed = []
+    for row in sorted(rows, key=lambda row: row.id):
+        contact = contacts.get(row.contact_id)
+        claimed.append(
+            Claimed(
+                id=row.id,
+                contact_id=row.contact_id,
+                email=row.email,
+                attempts=row.attempts,
+                name=(contact.name if contact else None) or "",
+                attributes=(contact.attributes if contact else None) or {},
+            )
+        )
+    return claimed
+
+
+@lru_cache(maxsize=2)
+def _claim_statement(*, postgres: bool) -> Update:
+    """The claim of ``claim_batch``, built once: SQLAlchemy compiles it once."""
+    emailing_id = bindparam("b_emailing")
+    now = bindparam("b_now", type_=UTCDateTime)
     candidates = (
         select(Delivery.id)
         .where(
@@ -246,10 +297,11 @@ def claim_batch(
             or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
             exists().where(Emailing.id == emailing_id, Emailing.status == E.SENDING),
         )
+        # The order of the claim index: the first rows found are the ones taken.
         .order_by(Delivery.next_attempt_at, Delivery.id)
-        .limit(size)
+        .limit(bindparam("b_size"))
     )
-    if is_postgres(engine):
+    if postgres:
         # Locked once in a materialised CTE: as an IN subquery the planner may
         # rescan it and claim more rows than the batch holds.
         locked = (
@@ -261,21 +313,23 @@ def claim_batch(
     else:
         # SQLite has one writer at a time: the statement itself is the lock.
         chosen = Delivery.id.in_(candidates)
-    statement = (
+    return (
         update(Delivery)
         .where(chosen, Delivery.status == S.QUEUED)
         .values(
             status=S.SENDING,
-            claimed_by=worker_id,
+            claimed_by=bindparam("b_worker"),
             claimed_at=now,
             attempts=Delivery.attempts + 1,
             updated_at=now,
         )
         .returning(Delivery.id, Delivery.contact_id, Delivery.email, Delivery.attempts)
     )
-    with _writing(engine) as connection:
-        rows = connection.execute(statement).all()
-    return sorted(rows, key=lambda row: row.id)
+
+
+_CONTACTS = select(Contact.id, Contact.name, Contact.attributes).where(
+    Contact.id.in_(bindparam("b_ids", expanding=True))
+)
 
 
 def record_sent(
@@ -370,7 +424,7 @@ def _settle(
 
 def record_bounce(
     engine: Engine,
-    delivery: Row[Any],
+    delivery: Claimed,
     emailing_id: int,
     *,
     worker_id: str,
@@ -395,7 +449,7 @@ def record_bounce(
 
 def record_failure(
     engine: Engine,
-    delivery: Row[Any],
+    delivery: Claimed,
     emailing_id: int,
     *,
     worker_id: str,
@@ -445,7 +499,7 @@ def record_failure(
 
 def release(
     engine: Engine,
-    deliveries: list[Row[Any]],
+    deliveries: list[Claimed],
     *,
     worker_id: str,
     now: datetime,
@@ -600,10 +654,9 @@ class _Send:
                 connection.close()
 
     def send_batch(
-        self, connection: Any, emailing_id: int, batch: list[Row[Any]]
+        self, connection: Any, emailing_id: int, batch: list[Claimed]
     ) -> None:
         draft, link_ids = self.draft(emailing_id)
-        contacts = self.contacts([row.contact_id for row in batch])
         accepted: list[int] = []
         flushed_at = time.monotonic()
         for position, delivery in enumerate(batch):
@@ -614,7 +667,6 @@ class _Send:
                     draft,
                     link_ids,
                     delivery,
-                    contacts,
                     accepted,
                 )
                 if len(accepted) >= FLUSH_EVERY or (
@@ -664,31 +716,19 @@ class _Send:
         with self.lock:
             self.accepted += settled
 
-    def contacts(self, contact_ids: list[int | None]) -> dict[int, tuple[str, dict]]:
-        wanted = [contact_id for contact_id in contact_ids if contact_id is not None]
-        with Session(self.engine) as session:
-            rows = session.execute(
-                select(Contact.id, Contact.name, Contact.attributes).where(
-                    Contact.id.in_(wanted)
-                )
-            ).all()
-        return {row.id: (row.name or "", row.attributes or {}) for row in rows}
-
     def send_one(
         self,
         connection: Any,
         emailing_id: int,
         draft: Draft,
         link_ids: LinkIds,
-        delivery: Row[Any],
-        contacts: dict[int, tuple[str, dict]],
+        delivery: Claimed,
         accepted: list[int],
     ) -> None:
-        name, attributes = contacts.get(delivery.contact_id, ("", {}))
         recipient = Recipient(
             email=delivery.email,
-            name=name,
-            attributes=attributes,
+            name=delivery.name or "",
+            attributes=delivery.attributes or {},
             delivery_id=delivery.id,
         )
         common = {"worker_id": self.worker_id}
@@ -911,17 +951,36 @@ def recover_stale(
     settings = get_settings()
     worker_id = worker_id or settings.worker_id
     cutoff = now - timedelta(seconds=settings.stale_claim_seconds)
+
+    # Every pass asks, so ask with reads that use the claim index, and take
+    # the write lock only when a dead worker really left something behind.
+    open_emailings = select(Emailing.id).where(
+        Emailing.status.in_([E.SENDING, E.CANCELLED, E.FAILED])
+    )
+    stale_deliveries = and_(
+        Delivery.emailing_id.in_(open_emailings),
+        Delivery.status == S.SENDING,
+        Delivery.claimed_at < cutoff,
+    )
+    stale_emailings = and_(
+        Emailing.status == E.SENDING,
+        or_(Emailing.claimed_at.is_(None), Emailing.claimed_at < cutoff),
+    )
+    found = session.scalar(
+        select(Delivery.id).where(stale_deliveries).limit(1)
+    ) or session.scalar(select(Emailing.id).where(stale_emailings).limit(1))
+    if found is None:
+        session.rollback()
+        return {"interrupted": 0, "taken_over": 0}
+
     interrupted = session.execute(
         update(Delivery)
-        .where(Delivery.status == S.SENDING, Delivery.claimed_at < cutoff)
+        .where(stale_deliveries)
         .values(status=S.INTERRUPTED, smtp_reply=INTERRUPTED_REPLY, updated_at=now)
     ).rowcount
     taken_over = session.execute(
         update(Emailing)
-        .where(
-            Emailing.status == E.SENDING,
-            or_(Emailing.claimed_at.is_(None), Emailing.claimed_at < cutoff),
-        )
+        .where(stale_emailings)
         .values(claimed_by=worker_id, claimed_at=now, updated_at=now)
     ).rowcount
     session.commit()

@@ -18,7 +18,7 @@ import hashlib
 import html
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sqlmodel import Session, select
 
@@ -124,6 +124,72 @@ def rewrite_links(html_text: str, url_for: Callable[[str], str]) -> str:
         position = end
     pieces.append(html_text[position:])
     return "".join(pieces)
+
+
+_QUOTE_AWARE_TAG = re.compile(r"""<(?:"[^"]*"|'[^']*'|[^"'>])*>""")
+
+
+def _markup(html_text: str) -> list[tuple[int, int]]:
+    """Every stretch that could belong to a tag or a comment, generously.
+
+    From each ``<``: to the first ``>``, to the first ``>`` outside quotes,
+    and for a comment to its ``-->``, whichever goes furthest (to the end
+    of the text when there is none).
+    """
+    spans = []
+    for start in (match.start() for match in re.finditer("<", html_text)):
+        ends = [html_text.find(">", start), -1]
+        quoted = _QUOTE_AWARE_TAG.match(html_text, start)
+        if quoted is not None:
+            ends[1] = quoted.end()
+        if html_text.startswith("<!--", start):
+            close = html_text.find("-->", start + 4)
+            ends.append(close + 3 if close >= 0 else -1)
+        end = len(html_text) if -1 in ends else max(ends)
+        spans.append((start, end))
+    return spans
+
+
+def _whole_hrefs(html_text: str) -> set[tuple[int, int]]:
+    """The spans of the quoted ``href`` values of the ``<a>`` tags."""
+    spans = set()
+    for match in _TAG_OR_COMMENT.finditer(html_text):
+        if match["attributes"] is None:
+            continue
+        offset = match.start("attributes")
+        for part in _ATTRIBUTE_PARTS.finditer(match["attributes"]):
+            raw = part["value"]
+            if part["name"].lower() != "href" or raw is None or len(raw) < 2:
+                continue
+            if raw[0] in "\"'" and raw[-1] == raw[0]:
+                start = offset + part.start("value") + 1
+                spans.add((start, start + len(raw) - 2))
+    return spans
+
+
+def links_stay_put(
+    html_text: str,
+    holes: Sequence[tuple[int, int]],
+    *,
+    whole_hrefs: Sequence[tuple[int, int]] = (),
+) -> bool:
+    """True when filling the holes of ``html_text`` cannot change its links.
+
+    A hole is a span to be replaced by HTML-escaped text: no ``<``, ``>`` nor
+    quote. Links live in tags, so a hole in the text between tags leaves
+    them as they are, and ``rewrite_links`` can run once on the HTML with its
+    holes rather than once per filled copy. A hole of ``whole_hrefs`` may
+    also be the whole quoted ``href`` of a link: the caller guarantees that
+    ``rewrite_links`` would keep the value put there as it is.
+    """
+    markup = _markup(html_text)
+    hrefs = _whole_hrefs(html_text) if whole_hrefs else set()
+    for hole in holes:
+        start, end = hole
+        inside = any(first < end and start < last for first, last in markup)
+        if inside and not (hole in whole_hrefs and hole in hrefs):
+            return False
+    return True
 
 
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)

@@ -8,7 +8,9 @@ new header, since subjects and names are reduced to one line first.
 
 An emailing is read once into a ``Draft``; ``render`` then fills the
 recipient variables of each message and, with tracking on, rewrites the links
-and adds the open pixel.
+and adds the open pixel. The fields are prepared once per emailing (variables
+found, links rewritten around slots for each recipient's tokens), so a
+message costs little more than its values and its signatures.
 
 Sending thousands of messages that share most of their headers, the policy
 parses and folds each distinct header value once (``header``) and the result
@@ -19,6 +21,7 @@ subjects) are written as they are, which is what the policy would write.
 from __future__ import annotations
 
 import binascii
+import copy
 import html as html_lib
 import logging
 import re
@@ -43,6 +46,7 @@ from sequencer import links, templating, tokens
 from sequencer.config import get_settings
 from sequencer.exceptions import SendError
 from sequencer.models import Emailing
+from sequencer.types import format_value
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +162,7 @@ def build_message(
     message["To"] = address_header("To", recipient)
     if reply_to is not None:
         message["Reply-To"] = header("Reply-To", str(reply_to))
-    message["Date"] = header("Date", format_datetime(date))
+    message["Date"] = _date_header(date.replace(microsecond=0))
     message["Message-ID"] = verbatim_header("Message-ID", message_id)
     if unsubscribe:
         message["List-Unsubscribe"] = _UrlList("List-Unsubscribe", unsubscribe)
@@ -175,6 +179,12 @@ def build_message(
     )
     message.set_payload([text_part(text, "plain"), text_part(html, "html")])
     return message
+
+
+@lru_cache(maxsize=8)
+def _date_header(date: datetime) -> FoldedHeader:
+    """The Date header of a second: the messages sent in it share one."""
+    return header("Date", format_datetime(date), cache=False)
 
 
 def text_part(content: str, subtype: str) -> MIMEPart:
@@ -370,6 +380,142 @@ class LinkIds:
         return link_id
 
 
+_MARKER = re.compile("\x00([0-9]+)\x00")
+"""Where a field gets a value per recipient; NUL never occurs in a field."""
+_CONTACT = "contact"
+_UNSUBSCRIBE = "unsubscribe"
+_CLICK = "click"
+_OPEN = "open"
+
+
+class _Field:
+    """A field of an emailing with what changes per recipient found once.
+
+    ``templating.render_for_recipient`` runs once, with a marker in place of
+    each value; the text between markers is kept, and each message only
+    fills the slots: contact values, the unsubscribe URL and, in a tracked
+    HTML body, the click and open URLs.
+    """
+
+    def __init__(self, template: str, *, html: bool) -> None:
+        self.html = html
+        self._slots: dict[tuple[str, Any], int] = {}
+        unsubscribe = self._slot(_UNSUBSCRIBE)
+        self.marked = templating.render_for_recipient(
+            template,
+            contact=_MarkedContact(self),
+            unsubscribe_url=unsubscribe,
+            html=html,
+        )
+        self.pieces = _pieces(self.marked)
+
+    def _slot(self, kind: str, argument: Any = None) -> str:
+        index = self._slots.setdefault((kind, argument), len(self._slots))
+        return f"\x00{index}\x00"
+
+    def track(self, link_ids: Callable[[str], int]) -> _Field | None:
+        """This HTML body with its links rewritten once, or None if it cannot be.
+
+        A recipient variable inside a tag could change the links (the one
+        exception: ``href="{unsubscribe_url}"``, which tracking leaves as is);
+        such a body is tracked per message instead.
+        """
+        holes = [marker.span() for marker in _MARKER.finditer(self.marked)]
+        unsubscribe = self._slot(_UNSUBSCRIBE)
+        own_hrefs = [
+            marker.span() for marker in re.finditer(re.escape(unsubscribe), self.marked)
+        ]
+        if not links.links_stay_put(self.marked, holes, whole_hrefs=own_hrefs):
+            return None
+        own = f"{get_settings().public_url}/t/"
+        tracked = copy.copy(self)
+        tracked._slots = dict(self._slots)
+
+        def url_for(url: str) -> str:
+            # Our own unsubscribe link stays as it is: it is not a click.
+            if url.startswith(own):
+                return url
+            return tracked._slot(_CLICK, link_ids(url))
+
+        html = links.rewrite_links(self.marked, url_for)
+        tracked.marked = links.add_pixel(html, tracked._slot(_OPEN))
+        tracked.pieces = _pieces(tracked.marked)
+        return tracked
+
+    def fill(
+        self, contact: dict[str, Any], unsubscribe_url: str, delivery_id: int
+    ) -> str:
+        """The field for one recipient."""
+        if len(self.pieces) == 1 and isinstance(self.pieces[0], str):
+            return self.pieces[0]
+        escape = html_lib.escape if self.html else _as_is
+        values: list[str] = []
+        for kind, argument in self._slots:
+            if kind == _CONTACT:
+                values.append(escape(format_value(None, contact.get(argument))))
+            elif kind == _UNSUBSCRIBE:
+                values.append(escape(unsubscribe_url))
+            elif kind == _CLICK:
+                token = tokens.click_token(delivery_id, argument)
+                values.append(_escaped_prefix(tokens.CLICK) + token)
+            else:
+                token = tokens.open_token(delivery_id)
+                values.append(_escaped_prefix(tokens.OPEN) + token)
+        return "".join(
+            [
+                piece if isinstance(piece, str) else values[piece]
+                for piece in self.pieces
+            ]
+        )
+
+
+class _MarkedContact(dict[str, Any]):
+    """A contact whose every value is a marker naming the variable asked for."""
+
+    def __init__(self, field: _Field) -> None:
+        super().__init__()
+        self._field = field
+
+    def get(self, key: str, default: Any = None) -> str:  # type: ignore[override]
+        return self._field._slot(_CONTACT, key)
+
+
+def _pieces(marked: str) -> list[str | int]:
+    """Text and slot numbers, in order; the slots are at odd positions."""
+    parts = _MARKER.split(marked)
+    return [
+        int(part) if position % 2 else part
+        for position, part in enumerate(parts)
+        if position % 2 or part
+    ]
+
+
+def _as_is(text: str) -> str:
+    return text
+
+
+@lru_cache(maxsize=8)
+def _escaped_prefix_for(public_url: str, kind: str) -> str:
+    # Tokens hold only letters, digits, "-", "_" and ".": nothing to escape.
+    return html_lib.escape(tokens.url_prefix(kind), quote=True)
+
+
+def _escaped_prefix(kind: str) -> str:
+    return _escaped_prefix_for(get_settings().public_url, kind)
+
+
+@dataclass(frozen=True)
+class _Body:
+    """A draft's fields made ready for one emailing's messages."""
+
+    subject: _Field
+    text: _Field | None
+    """None when the text part is derived from each message's HTML."""
+    html: _Field
+    tracked: _Field | None
+    """The HTML with its links rewritten once; None when not tracked so."""
+
+
 @dataclass(frozen=True)
 class Draft:
     """What an emailing says, read once and rendered for each recipient."""
@@ -385,6 +531,12 @@ class Draft:
     boundary: str = field(default_factory=lambda: f"=_{secrets.token_hex(12)}")
     tag: str = field(default_factory=lambda: secrets.token_hex(6))
     """Random part of this draft's Message-IDs, unique across installations."""
+    _bodies: dict[Any, _Body | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock, compare=False, repr=False
+    )
 
     def message_id_parts(self) -> tuple[str, str]:
         """What comes before and after the delivery id in a Message-ID.
@@ -436,14 +588,87 @@ class Draft:
         delivery_id = recipient.delivery_id
         if not test and delivery_id is None:
             raise SendError("a message to a recipient needs its delivery")
+        if test or delivery_id is None or (body := self._body(link_ids)) is None:
+            return self._render_each(recipient, link_ids=link_ids, now=now, test=test)
+
+        # Tracking and unsubscribe addresses of this recipient.
+        token = tokens.unsubscribe_token(delivery_id)
+        unsubscribe_url = tokens.url_prefix(tokens.UNSUBSCRIBE) + token
+        mailto = tokens.unsubscribe_mailto(delivery_id, token=token)
+
+        # Recipient variables, and the tracking prepared once for the emailing.
+        contact = recipient.context()
+        values = (contact, unsubscribe_url, delivery_id)
+        subject = body.subject.fill(*values)
+        html = None
+        if body.text is not None:
+            text = body.text.fill(*values)
+        else:
+            html = body.html.fill(*values)
+            text = text_from_html(html)
+        if body.tracked is not None:
+            html = body.tracked.fill(*values)
+        else:
+            html = html or body.html.fill(*values)
+            if self.tracking and link_ids is not None:
+                html = self._track(html, delivery_id, link_ids, test=False)
+
+        return build_message(
+            subject=subject,
+            text=text,
+            html=html,
+            sender=self.sender,
+            recipient=make_address(recipient.name, recipient.email),
+            reply_to=self.reply_to,
+            message_id=self.message_id(delivery_id),
+            date=now,
+            unsubscribe=[unsubscribe_url, mailto],
+            boundary=self.boundary,
+        )
+
+    def _body(self, link_ids: Callable[[str], int] | None) -> _Body | None:
+        """The fields ready for this emailing's messages, prepared on first use.
+
+        None when a field holds a NUL character (which marks the slots): its
+        messages are then rendered one by one.
+        """
+        tracking = self.tracking and link_ids is not None
+        key = link_ids if tracking else None
+        with self._lock:
+            if key in self._bodies:
+                return self._bodies[key]
+            body = None
+            if "\x00" not in self.subject + self.text + self.html:
+                html = _Field(self.html, html=True)
+                body = _Body(
+                    subject=_Field(self.subject, html=False),
+                    text=_Field(self.text, html=False) if self.text.strip() else None,
+                    html=html,
+                    tracked=html.track(link_ids) if tracking else None,  # type: ignore[arg-type]
+                )
+            self._bodies[key] = body
+            return body
+
+    def _render_each(
+        self,
+        recipient: Recipient,
+        *,
+        link_ids: Callable[[str], int] | None,
+        now: datetime,
+        test: bool = False,
+    ) -> EmailMessage:
+        """The message for one recipient, every field rendered for it alone."""
+        delivery_id = recipient.delivery_id
 
         # Tracking and unsubscribe addresses of this recipient.
         if test:
             unsubscribe_url = tokens.unsubscribe_url_for_test(self.emailing_id)
             unsubscribe = [unsubscribe_url]
         else:
-            unsubscribe_url = tokens.unsubscribe_url(delivery_id)  # type: ignore[arg-type]
-            unsubscribe = [unsubscribe_url, tokens.unsubscribe_mailto(delivery_id)]  # type: ignore[arg-type]
+            token = tokens.unsubscribe_token(delivery_id)  # type: ignore[arg-type]
+            unsubscribe_url = tokens.url_prefix(tokens.UNSUBSCRIBE) + token
+            mailto = tokens.unsubscribe_mailto(delivery_id, token=token)  # type: ignore[arg-type]
+            unsubscribe = [unsubscribe_url, mailto]
 
         # Recipient variables, then the tracking of the finished HTML.
         contact = recipient.context()

@@ -12,6 +12,8 @@ tracking routes record nothing for them.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
 import secrets
@@ -21,6 +23,7 @@ from functools import lru_cache
 from urllib.parse import quote, urlsplit
 
 from itsdangerous import BadSignature, Signer
+from itsdangerous.encoding import base64_encode, want_bytes
 from sqlalchemy import Connection, Engine
 from sqlmodel import Session
 
@@ -125,6 +128,33 @@ _PAYLOAD = re.compile(r"(t?)([1-9][0-9]{0,17})(?:-([1-9][0-9]{0,17}))?")
 """``<delivery>``, ``<delivery>-<link>``; ``t`` first for a test send's emailing."""
 
 
+class _Signer(Signer):
+    """The itsdangerous signer, deriving each key once rather than per token.
+
+    Key derivation is a hash of the salt and the key; a message carries
+    several tokens, so deriving it every time doubles the cost of signing.
+    """
+
+    def __init__(self, key: str, salt: str) -> None:
+        # SHA-1 as itsdangerous' default, given as the hashlib constructor so
+        # that hmac takes OpenSSL's fast path.
+        super().__init__(key, salt=salt, digest_method=hashlib.sha1)
+        self._derived: dict[bytes, bytes] = {}
+
+    def derive_key(self, secret_key: str | bytes | None = None) -> bytes:
+        raw = self.secret_keys[-1] if secret_key is None else want_bytes(secret_key)
+        derived = self._derived.get(raw)
+        if derived is None:
+            derived = self._derived[raw] = super().derive_key(raw)
+        return derived
+
+    def get_signature(self, value: str | bytes) -> bytes:
+        # HMAC-SHA1 as the library computes it, in one call into OpenSSL;
+        # checking a token still goes through the library's own code.
+        digest = hmac.digest(self.derive_key(), want_bytes(value), "sha1")
+        return base64_encode(digest)
+
+
 @lru_cache(maxsize=16)
 def _signer(key: str, kind: str) -> Signer:
     """One signer per kind: the kind is the salt, so tokens cannot be swapped.
@@ -132,7 +162,7 @@ def _signer(key: str, kind: str) -> Signer:
     The payload is a few digits rather than JSON: the open pixel checks a
     token on every request, and this keeps it to one HMAC.
     """
-    return Signer(key, salt=f"sequencer.{kind}")
+    return _Signer(key, salt=f"sequencer.{kind}")
 
 
 def _sign(kind: str, *numbers: int, test: bool = False) -> str:
@@ -140,8 +170,13 @@ def _sign(kind: str, *numbers: int, test: bool = False) -> str:
     return _signer(secret_key(), kind).sign(payload).decode("ascii")
 
 
+def url_prefix(kind: str) -> str:
+    """What comes before the token in the tracking URLs of ``kind``."""
+    return f"{get_settings().public_url}/t/{_PATHS[kind]}/"
+
+
 def _url(kind: str, token: str) -> str:
-    return f"{get_settings().public_url}/t/{_PATHS[kind]}/{token}"
+    return url_prefix(kind) + token
 
 
 def read_token(kind: str, token: str) -> TokenPayload | None:
@@ -184,27 +219,44 @@ def open_url(delivery_id: int) -> str:
     return _url(OPEN, open_token(delivery_id))
 
 
+def click_token(delivery_id: int, link_id: int) -> str:
+    """The token of one link of one delivery."""
+    return _sign(CLICK, delivery_id, link_id)
+
+
 def click_url(delivery_id: int, link_id: int) -> str:
     """The URL that records a click and redirects to the link's stored URL."""
-    return _url(CLICK, _sign(CLICK, delivery_id, link_id))
+    return _url(CLICK, click_token(delivery_id, link_id))
+
+
+def unsubscribe_token(delivery_id: int) -> str:
+    """The token of the unsubscribe link and mailto of one delivery."""
+    return _sign(UNSUBSCRIBE, delivery_id)
 
 
 def unsubscribe_url(delivery_id: int) -> str:
     """The unsubscribe page (GET) and one-click endpoint (POST, RFC 8058)."""
-    return _url(UNSUBSCRIBE, _sign(UNSUBSCRIBE, delivery_id))
+    return _url(UNSUBSCRIBE, unsubscribe_token(delivery_id))
 
 
-def unsubscribe_mailto(delivery_id: int, *, address: str | None = None) -> str:
+def unsubscribe_mailto(
+    delivery_id: int, *, address: str | None = None, token: str | None = None
+) -> str:
     """A ``mailto:`` for the List-Unsubscribe header.
 
     The token goes in the subject, so whoever reads the mailbox (by default
     ``unsubscribe@`` the public host) can match the request to the recipient.
+    ``token`` is the delivery's ``unsubscribe_token``, when already signed.
     """
     if address is None:
-        host = urlsplit(get_settings().public_url).hostname or "localhost"
-        address = f"unsubscribe@{host}"
-    token = _sign(UNSUBSCRIBE, delivery_id)
+        address = _unsubscribe_address(get_settings().public_url)
+    token = token or unsubscribe_token(delivery_id)
     return f"mailto:{address}?subject={quote('unsubscribe ' + token)}"
+
+
+@lru_cache(maxsize=4)
+def _unsubscribe_address(public_url: str) -> str:
+    return f"unsubscribe@{urlsplit(public_url).hostname or 'localhost'}"
 
 
 def open_url_for_test(emailing_id: int) -> str:

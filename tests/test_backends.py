@@ -240,3 +240,17 @@ def test_smtps_delivers_over_implicit_tls(tls_context: ssl.SSLContext) -> None:
 
     assert isinstance(outcome, Accepted)
     assert handler.messages["b@example.com"] == [MESSAGE]
+
+
+def test_envelope_addresses_are_sent_as_given(smtp_server) -> None:  # noqa: ANN001
+    connection = SMTPBackend(SMTPConfig.from_url(smtp_server.url)).connect()
+
+    outcome = connection.send(MESSAGE, "news+a@shop.example.com", "o.k-1@example.com")
+    odd = connection.send(MESSAGE, "news@shop.example.com", '"odd name"@example.com')
+    connection.close()
+
+    assert isinstance(outcome, Accepted) and isinstance(odd, Accepted)
+    assert smtp_server.handler.envelopes == [
+        ("news+a@shop.example.com", ["o.k-1@example.com"]),
+        ("news@shop.example.com", ['"odd name"@example.com']),
+    ]

@@ -508,3 +508,18 @@ def test_due_count_counts_pending_emailings_whose_time_has_come(
     add_emailing(session, sender, send_at=NOW, status=EmailingStatus.DRAFT)
 
     assert delivery.due_count(session, now=NOW) == 1
+
+
+def test_claimed_batch_carries_the_contacts_names_and_attributes(
+    engine: Engine, session: Session
+) -> None:
+    emailing = _emailing_to(engine, session, 3)
+    delivery.claim_emailing(engine, emailing.id, worker_id="w1", now=NOW)
+
+    batch = delivery.claim_batch(engine, emailing.id, worker_id="w1", now=NOW, size=2)
+
+    assert [row.attempts for row in batch] == [1, 1]
+    assert batch[0].id < batch[1].id
+    for row in batch:
+        assert row.name == f"Person {row.email.split('@')[0]}"
+        assert row.attributes == {"city": "Lyon"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -159,3 +160,40 @@ def test_each_distinct_url_is_stored_once_per_emailing(session: Session) -> None
         (other.id, url),
     ]
     assert rows[0].url_hash == links.url_hash(url)
+
+
+def _holes(html: str) -> list[tuple[int, int]]:
+    return [(match.start(), match.end()) for match in re.finditer("@@", html)]
+
+
+@pytest.mark.parametrize(
+    "html",
+    [
+        '<p>@@</p><a href="https://x.example/">x</a> @@',
+        "@@<a href='https://x.example/'>x</a>",
+        "<p title='a>b'>text</p> @@",
+    ],
+)
+def test_holes_in_text_leave_the_links_put(html: str) -> None:
+    assert links.links_stay_put(html, _holes(html))
+
+
+@pytest.mark.parametrize(
+    "html",
+    [
+        '<a href="https://x.example/?u=@@">x</a>',
+        '<a title="@@" href="https://x.example/">x</a>',
+        "<!-- @@ --><a href='https://x.example/'>x</a>",
+        "<@@ href='https://x.example/'>x</a>",
+        "<a title=\"a>b\" href='@@'>x</a>",
+    ],
+)
+def test_holes_in_tags_or_comments_may_move_the_links(html: str) -> None:
+    assert not links.links_stay_put(html, _holes(html))
+
+
+def test_a_whole_href_hole_may_be_allowed() -> None:
+    html = '<a href="@@">Leave</a>'
+
+    assert links.links_stay_put(html, _holes(html), whole_hrefs=_holes(html))
+    assert not links.links_stay_put(html, _holes(html))

@@ -259,3 +259,53 @@ def test_build_message_writes_plain_headers_as_given() -> None:
     assert b"\r\nTo: Ann Lee <ann@example.com>\r\n" in raw
     assert b"Subject: Plain subject\r\n" in raw
     assert message["Reply-To"] is None
+
+
+SAME_LINKS_EVERY_TIME = [
+    '<p>Hi {contact.name}</p><a href="https://shop.example.com/a?b=1&amp;c=2">A</a>',
+    "<p><a href='{unsubscribe_url}'>Leave</a> {contact.city}</p></body>",
+    "{contact.name}<a href=https://shop.example.com/x>x</a> -{contact.city}>",
+]
+LINKS_PER_RECIPIENT = [
+    "<!-- {contact.name} --><a href=https://shop.example.com/x>x</a>",
+    '<a href="https://shop.example.com/?u={contact.email}">Mine</a>',
+    '<a title="{contact.name}" href="https://shop.example.com/">Shop</a>',
+    "<a href={unsubscribe_url}>Leave</a>",
+    '<{contact.city} href="https://shop.example.com/">x</a>',
+    "<!-- {contact.name} <a href='https://shop.example.com/'>x</a>",
+]
+ODD_VALUES = ["Zoé", '"><a href="https://evil.example/">x</a>', "--", "&amp;", ""]
+
+
+@pytest.mark.parametrize("html", SAME_LINKS_EVERY_TIME + LINKS_PER_RECIPIENT)
+@pytest.mark.parametrize("message", ["", "Hi {contact.name} {unsubscribe_url}"])
+def test_links_tracked_once_give_the_message_rendered_alone(
+    html: str, message: str
+) -> None:
+    draft = Draft.from_emailing(_emailing(html=html, message=message))
+    ids: dict[str, int] = {}
+
+    def link_ids(url: str) -> int:
+        return ids.setdefault(url, len(ids) + 1)
+
+    for value in ODD_VALUES:
+        recipient = Recipient("zoe@example.com", value, {"city": value}, 345)
+        once = draft.render(recipient, link_ids=link_ids, now=NOW)
+        alone = draft._render_each(recipient, link_ids=link_ids, now=NOW)
+        assert once.as_bytes() == alone.as_bytes()
+
+
+@pytest.mark.parametrize("html", LINKS_PER_RECIPIENT)
+def test_variable_in_a_tag_tracks_links_per_message(html: str) -> None:
+    draft = Draft.from_emailing(_emailing(html=html))
+    body = draft._body(lambda url: 1)
+
+    assert body is not None and body.tracked is None
+
+
+@pytest.mark.parametrize("html", SAME_LINKS_EVERY_TIME)
+def test_variables_in_text_track_links_once(html: str) -> None:
+    draft = Draft.from_emailing(_emailing(html=html))
+    body = draft._body(lambda url: 1)
+
+    assert body is not None and body.tracked is not None

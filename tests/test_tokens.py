@@ -150,3 +150,20 @@ def test_signed_payload_of_the_wrong_shape_is_refused(
     token = signer.sign(payload).decode()
 
     assert tokens.read_token(kind, token) is None
+
+
+def test_tokens_are_those_of_a_plain_itsdangerous_signer(engine: Engine) -> None:
+    from itsdangerous import Signer
+
+    plain = Signer(tokens.secret_key(), salt="sequencer.click")
+
+    assert tokens.click_token(42, 7) == plain.sign("42-7").decode("ascii")
+    assert tokens.read_token("click", plain.sign("42-7").decode("ascii")) == (
+        tokens.TokenPayload("click", delivery_id=42, link_id=7)
+    )
+
+
+def test_unsubscribe_mailto_reuses_a_signed_token(engine: Engine) -> None:
+    token = tokens.unsubscribe_token(42)
+
+    assert tokens.unsubscribe_mailto(42, token=token) == tokens.unsubscribe_mailto(42)
