@@ -21,7 +21,7 @@ from smtp_server import SMTPSink, free_port
 from sqlalchemy import Engine, func, select, update
 from sqlmodel import Session
 
-from sequencer import config, delivery, tokens
+from sequencer import claims, config, delivery, tokens
 from sequencer.enums import ContactStatus, DeliveryStatus, EmailingStatus, TrackingKind
 from sequencer.exceptions import SendError, ValidationError
 from sequencer.models import Contact, Delivery, Emailing, TrackingEvent
@@ -193,7 +193,7 @@ def test_451_is_retried_with_backoff_then_sent(
     # The pass's clock moves on while it sends: the wait starts at the reply.
     retry_at = waiting.next_attempt_at
     assert retry_at is not None
-    assert NOW + delivery.RETRY_BASE <= retry_at < NOW + 2 * delivery.RETRY_BASE
+    assert NOW + claims.RETRY_BASE <= retry_at < NOW + 2 * claims.RETRY_BASE
     assert _stored(session, emailing.id).status == EmailingStatus.SENDING
 
     # Before the retry time nothing happens; after it the server accepts.
@@ -247,7 +247,7 @@ def test_server_down_keeps_the_emailing_sending_then_resumes(
     assert attempts == 0
 
     with SMTPSink(port=port) as sink:
-        later = NOW + delivery.SERVER_DOWN_WAIT + timedelta(seconds=5)
+        later = NOW + claims.SERVER_DOWN_WAIT + timedelta(seconds=5)
         delivery.dispatch_due(now=later, worker_id="w1")
         assert sink.counts() == dict.fromkeys(addresses(12), 1)
     assert _stored(session, emailing.id).status == EmailingStatus.SENT
@@ -334,8 +334,8 @@ def test_stale_in_flight_deliveries_are_interrupted_never_resent(
     engine: Engine, session: Session, smtp: SMTPSink
 ) -> None:
     emailing = _emailing_to(engine, session, 25)
-    assert delivery.claim_emailing(engine, emailing.id, worker_id="dead", now=NOW)
-    in_flight = delivery.claim_batch(
+    assert claims.claim_emailing(engine, emailing.id, worker_id="dead", now=NOW)
+    in_flight = claims.claim_batch(
         engine, emailing.id, worker_id="dead", now=NOW, size=5
     )
 
@@ -362,13 +362,11 @@ def test_slow_worker_marked_interrupted_still_records_its_send(
     engine: Engine, session: Session
 ) -> None:
     emailing = _emailing_to(engine, session, 1)
-    delivery.claim_emailing(engine, emailing.id, worker_id="slow", now=NOW)
-    (row,) = delivery.claim_batch(
-        engine, emailing.id, worker_id="slow", now=NOW, size=5
-    )
+    claims.claim_emailing(engine, emailing.id, worker_id="slow", now=NOW)
+    (row,) = claims.claim_batch(engine, emailing.id, worker_id="slow", now=NOW, size=5)
     delivery.recover_stale(session, NOW + timedelta(hours=1), worker_id="other")
 
-    delivery.record_sent(
+    claims.record_sent(
         engine,
         emailing.id,
         [row.id],
@@ -514,9 +512,9 @@ def test_claimed_batch_carries_the_contacts_names_and_attributes(
     engine: Engine, session: Session
 ) -> None:
     emailing = _emailing_to(engine, session, 3)
-    delivery.claim_emailing(engine, emailing.id, worker_id="w1", now=NOW)
+    claims.claim_emailing(engine, emailing.id, worker_id="w1", now=NOW)
 
-    batch = delivery.claim_batch(engine, emailing.id, worker_id="w1", now=NOW, size=2)
+    batch = claims.claim_batch(engine, emailing.id, worker_id="w1", now=NOW, size=2)
 
     assert [row.attempts for row in batch] == [1, 1]
     assert batch[0].id < batch[1].id

@@ -14,7 +14,7 @@ import streamlit as st
 from sqlalchemy import Engine
 from streamlit.testing.v1 import AppTest
 
-from sequencer import delivery, demo, entities, groups, records, sequences
+from sequencer import claims, delivery, demo, entities, groups, records, sequences
 from sequencer.db import session_scope
 from sequencer.system import EMAILING
 
@@ -359,7 +359,7 @@ def test_statistics_refresh_on_their_own_while_sending(demo_db: Engine) -> None:
     emailing_id = _pending_emailing(demo_db)
     with session_scope(demo_db) as session:
         delivery.send_now(session, emailing_id, now=NOW)
-    assert delivery.claim_emailing(demo_db, emailing_id, worker_id="w1", now=NOW)
+    assert claims.claim_emailing(demo_db, emailing_id, worker_id="w1", now=NOW)
 
     app = open_page("pages/statistics.py")
 

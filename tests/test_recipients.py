@@ -13,7 +13,7 @@ from delivery_factories import (
 from sqlalchemy import Engine, select
 from sqlmodel import Session
 
-from sequencer.delivery import NO_LIST_NOTE, NO_RECIPIENT_NOTE, claim_emailing
+from sequencer.claims import NO_LIST_NOTE, NO_RECIPIENT_NOTE, claim_emailing
 from sequencer.enums import ContactStatus, DeliveryStatus, EmailingStatus
 from sequencer.models import Delivery, Emailing
 from sequencer.recipients import resolve_recipients
