@@ -252,15 +252,7 @@ def _trigger_section(entity_labels: dict[str, str]) -> tuple[list, list[str]]:
     Returns the trigger entity's properties and template variables.
     """
     st.subheader("Trigger", anchor=False)
-    st.selectbox(
-        "Entity",
-        list(entity_labels),
-        index=None,
-        format_func=entity_labels.get,
-        placeholder="Choose the entity to watch",
-        key="seq_trigger_entity",
-    )
-    ERRORS.show("trigger_entity")
+    _pick_entity(entity_labels, "trigger", "Choose the entity to watch")
     properties: list = []
     variables: list[str] = []
     trigger_name = st.session_state.get("seq_trigger_entity")
@@ -279,39 +271,41 @@ def _trigger_section(entity_labels: dict[str, str]) -> tuple[list, list[str]]:
             key="seq_watched_property",
         )
         ERRORS.show("watched_property")
-    st.selectbox(
-        "Action",
-        list(ACTION_LABELS),
-        index=None,
-        format_func=ACTION_LABELS.get,
-        placeholder="Create or Update",
-        key="seq_trigger_action",
-    )
-    ERRORS.show("trigger_action")
+    _pick_action("trigger")
     return properties, variables
 
 
 def _action_section(entity_labels: dict[str, str]) -> None:
     """The entity the sequence creates or updates, and which of the two."""
     st.subheader("Action", anchor=False)
+    _pick_entity(entity_labels, "target", "Choose the entity to create or update")
+    _pick_action("target")
+
+
+def _pick_entity(entity_labels: dict[str, str], side: str, placeholder: str) -> None:
+    """The entity select box of the trigger or the target, with its error."""
     st.selectbox(
         "Entity",
         list(entity_labels),
         index=None,
         format_func=entity_labels.get,
-        placeholder="Choose the entity to create or update",
-        key="seq_target_entity",
+        placeholder=placeholder,
+        key=f"seq_{side}_entity",
     )
-    ERRORS.show("target_entity")
+    ERRORS.show(f"{side}_entity")
+
+
+def _pick_action(side: str) -> None:
+    """Create or Update, for the trigger or the target, with its error."""
     st.selectbox(
         "Action",
         list(ACTION_LABELS),
         index=None,
         format_func=ACTION_LABELS.get,
         placeholder="Create or Update",
-        key="seq_target_action",
+        key=f"seq_{side}_action",
     )
-    ERRORS.show("target_action")
+    ERRORS.show(f"{side}_action")
 
 
 def _conditions_section(trigger_properties: list) -> None:

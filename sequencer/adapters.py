@@ -88,6 +88,14 @@ class Adapter:
         return []
 
 
+def _holder(session: Session, id_column: Any, unique: Any, row: Any | None) -> Any:
+    """The id of another row that already holds a value meant to be unique."""
+    taken = session.scalars(select(id_column).where(unique)).first()
+    if taken is None or (row is not None and taken == row.id):
+        return None
+    return taken
+
+
 class CustomAdapter(Adapter):
     """Custom entities: every value in the JSON ``data`` column."""
 
@@ -284,10 +292,10 @@ class ContactAdapter(Adapter):
     ) -> None:
         email = merged.get("email")
         if "email" in given and email and (row is None or row.email != email):
-            taken = session.scalars(
-                select(Contact.id).where(func.lower(Contact.email) == email)
-            ).first()
-            if taken is not None and (row is None or taken != row.id):
+            taken = _holder(
+                session, Contact.id, func.lower(Contact.email) == email, row
+            )
+            if taken is not None:
                 raise ValidationError(
                     subject, "email", f"{email!r} belongs to contact {taken}"
                 )
@@ -389,10 +397,8 @@ class ContactListAdapter(Adapter):
     ) -> None:
         name = merged.get("name")
         if "name" in given and name:
-            taken = session.scalars(
-                select(ContactList.id).where(ContactList.name == name)
-            ).first()
-            if taken is not None and (row is None or taken != row.id):
+            taken = _holder(session, ContactList.id, ContactList.name == name, row)
+            if taken is not None:
                 raise ValidationError(
                     subject, "name", f"list {taken} is named {name!r}"
                 )
@@ -421,10 +427,11 @@ class SenderAdapter(Adapter):
     ) -> None:
         email = merged.get("email")
         if "email" in given and email:
-            taken = session.scalars(
-                select(Sender.id).where(func.lower(Sender.email) == str(email).lower())
-            ).first()
-            if taken is not None and (row is None or taken != row.id):
+            lowered = str(email).lower()
+            taken = _holder(
+                session, Sender.id, func.lower(Sender.email) == lowered, row
+            )
+            if taken is not None:
                 raise ValidationError(
                     subject, "email", f"{email!r} belongs to sender {taken}"
                 )
