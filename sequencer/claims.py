@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -40,7 +40,6 @@ from sqlalchemy.sql.dml import Update
 from sqlmodel import Session
 
 from sequencer import tracking
-from sequencer.db import is_postgres
 from sequencer.enums import (
     DeliveryStatus,
     EmailingStatus,
@@ -75,21 +74,27 @@ E = EmailingStatus
 
 _sqlite_writer = threading.Lock()
 
+Bind = Engine | Connection
+"""Where delivery outcomes are written: an engine, or a send loop's connection."""
+
 
 @contextmanager
-def writing(engine: Engine) -> Iterator[Connection]:
+def writing(bind: Bind) -> Iterator[Connection]:
     """A write transaction; on SQLite, one thread of this process at a time.
 
     SQLite has a single writer. Threads that collide wait in SQLite's busy
     handler, which sleeps in steps of milliseconds; queueing them on a lock
-    here hands the database over at once.
+    here hands the database over at once. ``bind`` is an engine, or a
+    connection a send loop keeps for its many short transactions.
     """
-    if engine.dialect.name != "sqlite":
-        with engine.begin() as connection:
-            yield connection
-        return
-    with _sqlite_writer, engine.begin() as connection:
-        yield connection
+    lock = _sqlite_writer if bind.dialect.name == "sqlite" else nullcontext()
+    with lock:
+        if isinstance(bind, Connection):
+            with bind.begin():
+                yield bind
+        else:
+            with bind.begin() as connection:
+                yield connection
 
 
 # --- Emailing claims ----------------------------------------------------------
@@ -191,7 +196,7 @@ class Claimed:
 
 
 def claim_batch(
-    engine: Engine, emailing_id: int, *, worker_id: str, now: datetime, size: int
+    bind: Bind, emailing_id: int, *, worker_id: str, now: datetime, size: int
 ) -> list[Claimed]:
     """Claim up to ``size`` queued deliveries of a sending emailing, atomically.
 
@@ -205,8 +210,8 @@ def claim_batch(
         "b_now": now,
         "b_size": size,
     }
-    statement = _claim_statement(postgres=is_postgres(engine))
-    with writing(engine) as connection:
+    statement = _claim_statement(postgres=bind.dialect.name == "postgresql")
+    with writing(bind) as connection:
         rows = connection.execute(statement, params).all()
         wanted = [row.contact_id for row in rows if row.contact_id is not None]
         contacts = {
@@ -278,7 +283,7 @@ _CONTACTS = select(Contact.id, Contact.name, Contact.attributes).where(
 
 
 def record_sent(
-    engine: Engine,
+    bind: Bind,
     emailing_id: int,
     delivery_ids: list[int],
     *,
@@ -308,7 +313,7 @@ def record_sent(
         "b_after": after,
         "b_emailing": emailing_id,
     }
-    with writing(engine) as connection:
+    with writing(bind) as connection:
         settled = connection.execute(_MARK_SENT, params).rowcount
         if settled:
             connection.execute(_COUNT_SENT, {**params, "b_count": settled})
@@ -368,7 +373,7 @@ def _settle(
 
 
 def record_bounce(
-    engine: Engine,
+    bind: Bind,
     delivery: Claimed,
     emailing_id: int,
     *,
@@ -382,7 +387,7 @@ def record_bounce(
     counter); it runs here in one transaction with the check that this
     worker still holds the delivery.
     """
-    with writing(engine) as connection:
+    with writing(bind) as connection:
         held = _settle(connection, delivery.id, worker_id, now, next_attempt_at=None)
         if not held:
             return
@@ -393,7 +398,7 @@ def record_bounce(
 
 
 def record_failure(
-    engine: Engine,
+    bind: Bind,
     delivery: Claimed,
     emailing_id: int,
     *,
@@ -417,7 +422,7 @@ def record_failure(
         }
     else:
         values = {"status": S.FAILED, "next_attempt_at": None}
-    with writing(engine) as connection:
+    with writing(bind) as connection:
         _settle(
             connection, delivery.id, worker_id, now, smtp_reply=reply[:2000], **values
         )
@@ -443,7 +448,7 @@ def record_failure(
 
 
 def release(
-    engine: Engine,
+    bind: Bind,
     deliveries: list[Claimed],
     *,
     worker_id: str,
@@ -457,7 +462,7 @@ def release(
     """
     if not deliveries:
         return
-    with writing(engine) as connection:
+    with writing(bind) as connection:
         connection.execute(
             update(Delivery)
             .where(
@@ -476,13 +481,13 @@ def release(
         )
 
 
-def finish_if_done(engine: Engine, emailing_id: int, *, now: datetime) -> bool:
+def finish_if_done(bind: Bind, emailing_id: int, *, now: datetime) -> bool:
     """Mark a sending emailing sent once no delivery is queued or in flight."""
     unfinished = exists().where(
         Delivery.emailing_id == emailing_id,
         Delivery.status.in_([S.QUEUED, S.SENDING]),
     )
-    with writing(engine) as connection:
+    with writing(bind) as connection:
         done = connection.execute(
             update(Emailing)
             .where(

@@ -124,16 +124,21 @@ def insert_ignoring_conflicts(
     inserting the same key at once both succeed and one row remains. Returns
     True when this call inserted the row.
     """
+    statement = (
+        insert_for(connection, model)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=conflict_columns)
+    )
+    result = connection.execute(statement)
+    return bool(result.rowcount)
+
+
+def insert_for(connection: Connection | Session, model: type[SQLModel]) -> Any:
+    """The backend's own ``INSERT`` into ``model``, which knows ``ON CONFLICT``."""
     table = model.__table__  # type: ignore[attr-defined]
     bind = connection if isinstance(connection, Connection) else connection.get_bind()
     if bind.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    statement = (
-        insert(table)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=conflict_columns)
-    )
-    result = connection.execute(statement)
-    return bool(result.rowcount)
+    return insert(table)

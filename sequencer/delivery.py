@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     and_,
     func,
@@ -52,17 +53,18 @@ from sequencer.claims import (
 from sequencer.config import Settings, get_settings
 from sequencer.db import get_engine
 from sequencer.exceptions import NotFoundError, SendError, ValidationError
-from sequencer.message import Draft, LinkIds, Recipient, make_address
+from sequencer.message import Draft, LinkIds, Recipient
 from sequencer.models import Contact, Delivery, Emailing
 from sequencer.timeutil import utcnow
 
 logger = logging.getLogger(__name__)
 
-FLUSH_EVERY = 20
+FLUSH_EVERY = 25
 """Accepted messages a sender commits at once (or after ``FLUSH_SECONDS``).
 
 A worker killed before a commit leaves those deliveries in flight: they are
-marked interrupted, not resent, so this bounds what a crash can blur.
+marked interrupted, not resent, so this bounds what a crash can blur. Half of
+the default batch: each commit costs about as much as rendering a message.
 """
 FLUSH_SECONDS = 1.0
 
@@ -144,26 +146,32 @@ class _Send:
         return self.accepted
 
     def connection_loop(self, emailing_ids: list[int]) -> None:
-        """One connection: claim a batch, send it, until nothing is left."""
+        """One connection: claim a batch, send it, until nothing is left.
+
+        The loop keeps one database connection for its claims and outcomes;
+        one taken from the pool for each would first be checked with a round
+        trip to the database server.
+        """
         connection = None
         try:
-            for emailing_id in emailing_ids:
-                while not self.stopping():
-                    batch = claim_batch(
-                        self.engine,
-                        emailing_id,
-                        worker_id=self.worker_id,
-                        now=self.clock(),
-                        size=self.settings.batch_size,
-                    )
-                    if not batch:
-                        break
-                    if connection is None:
-                        connection = self.backend.connect()
-                    self.send_batch(connection, emailing_id, batch)
-                if self.stopping():
-                    return
-                finish_if_done(self.engine, emailing_id, now=self.clock())
+            with self.engine.connect() as db:
+                for emailing_id in emailing_ids:
+                    while not self.stopping():
+                        batch = claim_batch(
+                            db,
+                            emailing_id,
+                            worker_id=self.worker_id,
+                            now=self.clock(),
+                            size=self.settings.batch_size,
+                        )
+                        if not batch:
+                            break
+                        if connection is None:
+                            connection = self.backend.connect()
+                        self.send_batch(db, connection, emailing_id, batch)
+                    if self.stopping():
+                        return
+                    finish_if_done(db, emailing_id, now=self.clock())
         except Exception:
             logger.exception("worker %s: the send loop crashed", self.worker_id)
             raise
@@ -172,7 +180,7 @@ class _Send:
                 connection.close()
 
     def send_batch(
-        self, connection: Any, emailing_id: int, batch: list[Claimed]
+        self, db: Connection, connection: Any, emailing_id: int, batch: list[Claimed]
     ) -> None:
         draft, link_ids = self.draft(emailing_id)
         accepted: list[int] = []
@@ -180,6 +188,7 @@ class _Send:
         for position, delivery in enumerate(batch):
             try:
                 self.send_one(
+                    db,
                     connection,
                     emailing_id,
                     draft,
@@ -190,10 +199,10 @@ class _Send:
                 if len(accepted) >= FLUSH_EVERY or (
                     time.monotonic() - flushed_at >= FLUSH_SECONDS
                 ):
-                    self.flush(emailing_id, accepted)
+                    self.flush(db, emailing_id, accepted)
                     flushed_at = time.monotonic()
             except ServerUnavailable as exc:
-                self.flush(emailing_id, accepted)
+                self.flush(db, emailing_id, accepted)
                 # Nobody is at fault: hand the rest of the batch back untouched.
                 self.unreachable.set()
                 logger.warning(
@@ -202,21 +211,21 @@ class _Send:
                     exc,
                 )
                 release(
-                    self.engine,
+                    db,
                     batch[position:],
                     worker_id=self.worker_id,
                     now=self.clock(),
                     reason=str(exc),
                 )
                 return
-        self.flush(emailing_id, accepted)
+        self.flush(db, emailing_id, accepted)
 
-    def flush(self, emailing_id: int, accepted: list[int]) -> None:
+    def flush(self, db: Connection, emailing_id: int, accepted: list[int]) -> None:
         if not accepted:
             return
         draft, _link_ids = self.draft(emailing_id)
         settled = record_sent(
-            self.engine,
+            db,
             emailing_id,
             accepted,
             worker_id=self.worker_id,
@@ -236,6 +245,7 @@ class _Send:
 
     def send_one(
         self,
+        db: Connection,
         connection: Any,
         emailing_id: int,
         draft: Draft,
@@ -253,12 +263,11 @@ class _Send:
 
         # A message that cannot be built fails at once: retrying cannot help.
         try:
-            message = draft.render(recipient, link_ids=link_ids, now=self.clock())
+            message = draft.compose(recipient, link_ids=link_ids, now=self.clock())
             data = message.as_bytes()
-            address = make_address("", delivery.email).addr_spec
         except (SendError, ValueError) as exc:
             record_failure(
-                self.engine,
+                db,
                 delivery,
                 emailing_id,
                 now=self.clock(),
@@ -270,25 +279,24 @@ class _Send:
             return
 
         self.limiter.wait()
-        outcome = connection.send(data, draft.sender.addr_spec, address)
-        now = self.clock()
+        outcome = connection.send(data, draft.sender.addr_spec, message.envelope_to)
         if isinstance(outcome, Accepted):
             accepted.append(delivery.id)
         elif isinstance(outcome, Refused) and outcome.permanent:
             record_bounce(
-                self.engine,
+                db,
                 delivery,
                 emailing_id,
-                now=now,
+                now=self.clock(),
                 reply=outcome.reply,
                 **common,
             )
         else:
             record_failure(
-                self.engine,
+                db,
                 delivery,
                 emailing_id,
-                now=now,
+                now=self.clock(),
                 reply=outcome.reply,
                 max_attempts=self.settings.max_attempts,
                 **common,
@@ -435,15 +443,14 @@ def send_test(
     )
     engine = session.get_bind().engine
     draft = Draft.from_emailing(emailing)
-    message = draft.render(
+    message = draft.compose(
         recipient, link_ids=LinkIds(engine, emailing_id), now=now, test=True
     )
-    envelope_to = make_address("", address).addr_spec
 
     connection = get_backend().connect()
     try:
         outcome = connection.send(
-            message.as_bytes(), draft.sender.addr_spec, envelope_to
+            message.as_bytes(), draft.sender.addr_spec, message.envelope_to
         )
     except ServerUnavailable as exc:
         raise SendError(f"test of emailing {emailing_id} to {address}: {exc}") from exc

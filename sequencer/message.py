@@ -6,7 +6,7 @@ itself is never encoded), bodies are UTF-8 with a transfer encoding that keeps
 every line under 998 characters, and a header value can never spill into a
 new header, since subjects and names are reduced to one line first.
 
-An emailing is read once into a ``Draft``; ``render`` then fills the
+An emailing is read once into a ``Draft``; ``compose`` then fills the
 recipient variables of each message and, with tracking on, rewrites the links
 and adds the open pixel. The fields are prepared once per emailing (variables
 found, links rewritten around slots for each recipient's tokens), so a
@@ -15,7 +15,11 @@ message costs little more than its values and its signatures.
 Sending thousands of messages that share most of their headers, the policy
 parses and folds each distinct header value once (``header``) and the result
 is reused; values built here from ASCII tokens (Message-ID, plain names and
-subjects) are written as they are, which is what the policy would write.
+subjects) are written as they are, which is what the policy would write. The
+worker writes a message out from those folded headers and encoded parts
+(``Composed.as_bytes``) rather than through the email package's generator;
+the bytes are the generator's own, which ``tests/test_message.py`` checks
+over accents, folding, long lines and line-end variants.
 """
 
 from __future__ import annotations
@@ -137,7 +141,68 @@ def html_from_text(text: str) -> str:
     return f"<!DOCTYPE html>\n<html><body>\n{body}\n</body></html>\n"
 
 
-def build_message(
+@dataclass(frozen=True)
+class Composed:
+    """One message with every header folded and both parts encoded.
+
+    What is left is writing it out: ``message()`` gives the email package's
+    ``EmailMessage`` and ``as_bytes()`` the bytes its generator writes for
+    it. The worker sends the bytes; writing them from the folded pieces
+    skips the generator's walk over the message tree, which costs as much as
+    building the message itself, and a test checks both give the same bytes
+    for the same message.
+    """
+
+    headers: list[FoldedHeader]
+    parts: list[tuple[tuple[FoldedHeader, ...], str]]
+    """The text and HTML parts: their headers and transfer-encoded body."""
+    boundary: str
+    recipient: Address
+
+    @property
+    def envelope_to(self) -> str:
+        """The recipient's address as given to the server (RCPT TO)."""
+        return self.recipient.addr_spec
+
+    def message(self) -> EmailMessage:
+        """The message as the email package's own object."""
+        message = EmailMessage(policy=POLICY)
+        for folded in self.headers:
+            message[folded.name] = folded
+        subparts = []
+        for headers, body in self.parts:
+            part = MIMEPart(policy=POLICY)
+            for folded in headers:
+                part[folded.name] = folded
+            part.set_payload(body)
+            subparts.append(part)
+        message.set_payload(subparts)
+        return message
+
+    def as_bytes(self) -> bytes:
+        """The bytes ``message().as_bytes()`` gives (RFC 2046 multipart).
+
+        Headers are already folded with CRLF line ends and bodies are ASCII
+        with ``\\n`` line ends (``_encoded_part``), so writing is joining.
+        """
+        crlf = POLICY.linesep
+        delimiter = f"{crlf}--{self.boundary}{crlf}"
+        parts = [
+            "".join(folded.folded for folded in headers)
+            + crlf
+            + body.replace("\n", crlf)
+            for headers, body in self.parts
+        ]
+        text = (
+            "".join(folded.folded for folded in self.headers)
+            + f"{crlf}--{self.boundary}{crlf}"
+            + delimiter.join(parts)
+            + f"{crlf}--{self.boundary}--{crlf}"
+        )
+        return text.encode("ascii")
+
+
+def compose(
     *,
     subject: str,
     text: str,
@@ -150,35 +215,43 @@ def build_message(
     unsubscribe: list[str] | None = None,
     headers: dict[str, str] | None = None,
     boundary: str | None = None,
-) -> EmailMessage:
-    """Assemble one multipart/alternative message from finished parts.
+) -> Composed:
+    """Encode and fold one multipart/alternative message from finished parts.
 
     ``boundary`` may be shared by the messages of one emailing: it is random,
     so no body contains it, and a repeated value costs nothing to encode.
     """
-    message = EmailMessage(policy=POLICY)
-    message["Subject"] = header("Subject", one_line(subject))
-    message["From"] = header("From", str(sender))
-    message["To"] = address_header("To", recipient)
+    folded = [
+        header("Subject", one_line(subject)),
+        header("From", str(sender)),
+        address_header("To", recipient),
+    ]
     if reply_to is not None:
-        message["Reply-To"] = header("Reply-To", str(reply_to))
-    message["Date"] = _date_header(date.replace(microsecond=0))
-    message["Message-ID"] = verbatim_header("Message-ID", message_id)
+        folded.append(header("Reply-To", str(reply_to)))
+    folded.append(_date_header(date.replace(microsecond=0)))
+    folded.append(verbatim_header("Message-ID", message_id))
     if unsubscribe:
-        message["List-Unsubscribe"] = _UrlList("List-Unsubscribe", unsubscribe)
+        folded.append(_UrlList("List-Unsubscribe", unsubscribe))
         if any(url.startswith(("https://", "http://")) for url in unsubscribe):
-            message["List-Unsubscribe-Post"] = header(
-                "List-Unsubscribe-Post", "List-Unsubscribe=One-Click"
-            )
+            folded.append(header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
     for name, value in (headers or {}).items():
-        message[name] = header(name, one_line(value))
-    message["MIME-Version"] = header("MIME-Version", "1.0")
+        folded.append(header(name, one_line(value)))
+    folded.append(header("MIME-Version", "1.0"))
     boundary = boundary or f"=_{secrets.token_hex(12)}"
-    message["Content-Type"] = header(
-        "Content-Type", f'multipart/alternative; boundary="{boundary}"'
+    folded.append(
+        header("Content-Type", f'multipart/alternative; boundary="{boundary}"')
     )
-    message.set_payload([text_part(text, "plain"), text_part(html, "html")])
-    return message
+    return Composed(
+        headers=folded,
+        parts=[_encoded_part(text, "plain"), _encoded_part(html, "html")],
+        boundary=boundary,
+        recipient=recipient,
+    )
+
+
+def build_message(**fields: Any) -> EmailMessage:
+    """One multipart/alternative message; ``fields`` as ``compose`` takes them."""
+    return compose(**fields).message()
 
 
 @lru_cache(maxsize=8)
@@ -187,26 +260,30 @@ def _date_header(date: datetime) -> FoldedHeader:
     return header("Date", format_datetime(date), cache=False)
 
 
-def text_part(content: str, subtype: str) -> MIMEPart:
-    """One UTF-8 text part, 7bit when it can be, else quoted-printable.
+def _encoded_part(content: str, subtype: str) -> tuple[tuple[FoldedHeader, ...], str]:
+    """The headers and body of a UTF-8 text part, 7bit when it can be.
 
     Quoted-printable keeps every line under 76 characters whatever the
-    author wrote, and stays readable in the raw message.
+    author wrote, and stays readable in the raw message. The body has
+    ``\\n`` line ends and ends with one.
     """
     content = content.replace("\r\n", "\n").replace("\r", "\n")
     if not content.endswith("\n"):
         content += "\n"
-    lines = content.split("\n")
-    if content.isascii() and max(len(line) for line in lines) <= _PLAIN_LINE:
+    if content.isascii() and max(map(len, content.split("\n"))) <= _PLAIN_LINE:
         body, encoding = content, "7bit"
     else:
         encoded = binascii.b2a_qp(content.encode("utf-8"), istext=True)
         body, encoding = encoded.decode("ascii"), "quoted-printable"
-    part = MIMEPart(policy=POLICY)
-    part["Content-Type"] = header("Content-Type", f'text/{subtype}; charset="utf-8"')
-    part["Content-Transfer-Encoding"] = header("Content-Transfer-Encoding", encoding)
-    part.set_payload(body)
-    return part
+    return _part_headers(subtype, encoding), body
+
+
+@lru_cache(maxsize=8)
+def _part_headers(subtype: str, encoding: str) -> tuple[FoldedHeader, ...]:
+    return (
+        header("Content-Type", f'text/{subtype}; charset="utf-8"'),
+        header("Content-Transfer-Encoding", encoding),
+    )
 
 
 class FoldedHeader(str):
@@ -264,6 +341,7 @@ class _UrlList(FoldedHeader):
         value = str.__new__(cls, ", ".join(entries))
         value.name = name
         value.entries = entries
+        value.folded = value.fold(policy=POLICY)
         return value
 
     def fold(self, *, policy: policy.Policy) -> str:
@@ -572,15 +650,15 @@ class Draft:
             domain=sender.domain,
         )
 
-    def render(
+    def compose(
         self,
         recipient: Recipient,
         *,
         link_ids: Callable[[str], int] | None,
         now: datetime,
         test: bool = False,
-    ) -> EmailMessage:
-        """The message for one recipient.
+    ) -> Composed:
+        """The message for one recipient, ready to be written out.
 
         A test message carries test tokens: its links and pixel work but are
         never counted, and its unsubscribe link unsubscribes no one.
@@ -613,7 +691,7 @@ class Draft:
             if self.tracking and link_ids is not None:
                 html = self._track(html, delivery_id, link_ids, test=False)
 
-        return build_message(
+        return compose(
             subject=subject,
             text=text,
             html=html,
@@ -656,7 +734,7 @@ class Draft:
         link_ids: Callable[[str], int] | None,
         now: datetime,
         test: bool = False,
-    ) -> EmailMessage:
+    ) -> Composed:
         """The message for one recipient, every field rendered for it alone."""
         delivery_id = recipient.delivery_id
 
@@ -691,7 +769,7 @@ class Draft:
             html = self._track(html, delivery_id, link_ids, test=test)
 
         headers = {TEST_HEADER: "yes"} if test else None
-        return build_message(
+        return compose(
             subject=(TEST_PREFIX + subject) if test else subject,
             text=text,
             html=html,

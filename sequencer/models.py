@@ -256,7 +256,9 @@ class Delivery(SQLModel, table=True):
 
     __table_args__ = (
         UniqueConstraint("emailing_id", "contact_id"),
-        Index("ix_delivery_claim", "emailing_id", "status", "next_attempt_at"),
+        # In the claim's own order, so a claim reads its batch and stops
+        # rather than sorting every queued delivery of the emailing.
+        Index("ix_delivery_claim", "emailing_id", "status", "next_attempt_at", "id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)

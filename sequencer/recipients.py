@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from sqlalchemy import Select, exists, func, insert, literal, select
+from sqlalchemy import Select, exists, func, literal, select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session
 
+from sequencer.db import insert_for
 from sequencer.enums import ContactStatus, DeliveryStatus
 from sequencer.models import Contact, ContactListMember, ContactTag, Delivery, Emailing
 from sequencer.timeutil import UTCDateTime
@@ -55,12 +56,11 @@ def resolve_recipients(session: Session, emailing: Emailing, *, now: datetime) -
     Runs in the caller's transaction, which is the one that claimed the
     emailing: the rows, ``total`` and ``recipients_resolved`` become visible
     together or not at all. Idempotent: contacts that already have a delivery
-    row for this emailing are not added again.
+    row for this emailing are not added again. (The outer ``WHERE`` is there
+    for SQLite, which would read ``ON CONFLICT`` after a bare ``SELECT`` as a
+    join.)
     """
     found = recipients_query(emailing).subquery()
-    already = exists().where(
-        Delivery.emailing_id == emailing.id, Delivery.contact_id == found.c[0]
-    )
     rows = select(
         literal(emailing.id),
         found.c[0],
@@ -70,7 +70,7 @@ def resolve_recipients(session: Session, emailing: Emailing, *, now: datetime) -
         literal(""),
         literal(now, UTCDateTime),
         literal(now, UTCDateTime),
-    ).where(~already)
+    ).where(found.c[0].is_not(None))
     columns = [
         "emailing_id",
         "contact_id",
@@ -81,7 +81,14 @@ def resolve_recipients(session: Session, emailing: Emailing, *, now: datetime) -
         "created_at",
         "updated_at",
     ]
-    session.execute(insert(Delivery).from_select(columns, rows))
+    # Conflicts rather than NOT EXISTS: the planner, without statistics on a
+    # young delivery table, checked each new row against every row inserted
+    # before it.
+    session.execute(
+        insert_for(session, Delivery)
+        .from_select(columns, rows)
+        .on_conflict_do_nothing(index_elements=["emailing_id", "contact_id"])
+    )
 
     total = session.scalar(
         select(func.count()).where(Delivery.emailing_id == emailing.id)

@@ -154,9 +154,19 @@ class _Signer(Signer):
         digest = hmac.digest(self.derive_key(), want_bytes(value), "sha1")
         return base64_encode(digest)
 
+    def sign_text(self, payload: str) -> str:
+        """``sign(payload)`` as text, for the ASCII payloads of this module.
+
+        A message carries four tokens, whose signing is a tenth of what
+        rendering it costs; this skips the library's conversions to and from
+        bytes around each. ``tests/test_tokens.py`` compares it with ``sign``.
+        """
+        signature = self.get_signature(payload.encode("ascii"))
+        return f"{payload}{self.sep.decode('ascii')}{signature.decode('ascii')}"
+
 
 @lru_cache(maxsize=16)
-def _signer(key: str, kind: str) -> Signer:
+def _signer(key: str, kind: str) -> _Signer:
     """One signer per kind: the kind is the salt, so tokens cannot be swapped.
 
     The payload is a few digits rather than JSON: the open pixel checks a
@@ -167,7 +177,7 @@ def _signer(key: str, kind: str) -> Signer:
 
 def _sign(kind: str, *numbers: int, test: bool = False) -> str:
     payload = ("t" if test else "") + "-".join(str(number) for number in numbers)
-    return _signer(secret_key(), kind).sign(payload).decode("ascii")
+    return _signer(secret_key(), kind).sign_text(payload)
 
 
 def url_prefix(kind: str) -> str:
@@ -251,7 +261,10 @@ def unsubscribe_mailto(
     if address is None:
         address = _unsubscribe_address(get_settings().public_url)
     token = token or unsubscribe_token(delivery_id)
-    return f"mailto:{address}?subject={quote('unsubscribe ' + token)}"
+    return f"mailto:{address}?subject={_SUBJECT}{quote(token, safe='.')}"
+
+
+_SUBJECT = quote("unsubscribe ")
 
 
 @lru_cache(maxsize=4)

@@ -16,6 +16,7 @@ from sequencer.message import (
     Draft,
     Recipient,
     build_message,
+    compose,
     make_address,
     one_line,
 )
@@ -67,8 +68,10 @@ def _render(emailing: Emailing, recipient: Recipient, **kwargs: object) -> Email
     def link_ids(url: str) -> int:
         return ids.setdefault(url, next(links))
 
-    return Draft.from_emailing(emailing).render(
-        recipient, link_ids=link_ids, now=NOW, **kwargs
+    return (
+        Draft.from_emailing(emailing)
+        .compose(recipient, link_ids=link_ids, now=NOW, **kwargs)
+        .message()
     )
 
 
@@ -290,7 +293,7 @@ def test_links_tracked_once_give_the_message_rendered_alone(
 
     for value in ODD_VALUES:
         recipient = Recipient("zoe@example.com", value, {"city": value}, 345)
-        once = draft.render(recipient, link_ids=link_ids, now=NOW)
+        once = draft.compose(recipient, link_ids=link_ids, now=NOW)
         alone = draft._render_each(recipient, link_ids=link_ids, now=NOW)
         assert once.as_bytes() == alone.as_bytes()
 
@@ -309,3 +312,61 @@ def test_variables_in_text_track_links_once(html: str) -> None:
     body = draft._body(lambda url: 1)
 
     assert body is not None and body.tracked is not None
+
+
+SUBJECTS = [
+    "Plain subject",
+    "Été : -20 % sur tout 🎉",
+    "A long subject " * 12,
+    "  spaced   out  ",
+    "Prix =? 100 ?= promo",
+    'Quotes " and \\ and, commas',
+]
+NAMES = ["", "Ann Lee", "Zoé Łukasiewicz", 'Lee, "Ann"', "O'Brien (shop)", "x" * 90]
+BODIES = [
+    "hello",
+    "Bonjour,\r\n\r\nNos nouveautés.\r\n",
+    "a line of exactly seventy-eight characters, no more, no less, for a 7bit bod\n",
+    "a long line " * 40 + "\n.\nFrom here\n\tTab\x0bvt\x0cff\rcr only\n",
+    "",
+    "emoji 🎉 and trailing spaces   \n   \n",
+]
+
+
+@pytest.mark.parametrize("subject", SUBJECTS)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("body", BODIES)
+def test_composed_bytes_are_what_the_email_package_writes(
+    subject: str, name: str, body: str
+) -> None:
+    composed = compose(
+        subject=subject,
+        text=body,
+        html=f"<p>{body}</p>",
+        sender=make_address("Boutique Été", "news@shop.example.com"),
+        recipient=make_address(name, "ann@example.com"),
+        reply_to=make_address(name, "help@shop.example.com") if name else None,
+        message_id="<e1.d2.abc@shop.example.com>",
+        date=NOW,
+        unsubscribe=(
+            [
+                "https://mail.shop.example.com/t/u/" + "a" * 120,
+                "mailto:unsubscribe@shop.example.com?subject=unsubscribe%20x",
+            ]
+            if name
+            else None
+        ),
+        headers={TEST_HEADER: "yes"} if body else None,
+    )
+
+    raw = composed.as_bytes()
+
+    assert raw == composed.message().as_bytes()
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    parsed = BytesParser(policy=policy.default).parsebytes(raw)
+    assert parsed["Subject"] == one_line(subject)
+    assert parsed["To"].addresses[0].display_name == one_line(name)
+    text = parsed.get_body(("plain",)).get_content()
+    assert text.replace("\r\n", "\n") == (
+        body.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n") + "\n"
+    )
