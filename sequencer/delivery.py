@@ -63,8 +63,8 @@ FLUSH_EVERY = 25
 """Accepted messages a sender commits at once (or after ``FLUSH_SECONDS``).
 
 A worker killed before a commit leaves those deliveries in flight: they are
-marked interrupted, not resent, so this bounds what a crash can blur. Half of
-the default batch: each commit costs about as much as rendering a message.
+marked interrupted, not resent, so this bounds what a crash can blur; each
+commit costs about as much as rendering a message.
 """
 FLUSH_SECONDS = 1.0
 
