@@ -249,11 +249,6 @@ def compose(
     )
 
 
-def build_message(**fields: Any) -> EmailMessage:
-    """One multipart/alternative message; ``fields`` as ``compose`` takes them."""
-    return compose(**fields).message()
-
-
 @lru_cache(maxsize=8)
 def _date_header(date: datetime) -> FoldedHeader:
     """The Date header of a second: the messages sent in it share one."""

@@ -15,7 +15,6 @@ from sequencer.message import (
     TEST_HEADER,
     Draft,
     Recipient,
-    build_message,
     compose,
     make_address,
     one_line,
@@ -246,8 +245,8 @@ def test_non_ascii_mailbox_is_refused() -> None:
         make_address("", "zoé@example.com")
 
 
-def test_build_message_writes_plain_headers_as_given() -> None:
-    message = build_message(
+def test_compose_writes_plain_headers_as_given() -> None:
+    message = compose(
         subject="Plain subject",
         text="hello",
         html="<p>hello</p>",
@@ -261,7 +260,7 @@ def test_build_message_writes_plain_headers_as_given() -> None:
 
     assert b"\r\nTo: Ann Lee <ann@example.com>\r\n" in raw
     assert b"Subject: Plain subject\r\n" in raw
-    assert message["Reply-To"] is None
+    assert message.message()["Reply-To"] is None
 
 
 SAME_LINKS_EVERY_TIME = [
