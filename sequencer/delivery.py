@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
 from sequencer.backends import (
@@ -58,6 +60,8 @@ from sequencer.models import Contact, Delivery, Emailing
 from sequencer.timeutil import utcnow
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 FLUSH_EVERY = 25
 """Accepted messages a sender commits at once (or after ``FLUSH_SECONDS``).
@@ -124,6 +128,29 @@ class _Send:
         )
         return out_of_time or _stop.is_set() or self.unreachable.is_set()
 
+    def write(
+        self, db: Connection, record: Callable[..., T], *args: Any, **kw: Any
+    ) -> T:
+        """One of the ``claims`` writes on a send loop's connection.
+
+        When the database dropped the connection (a restart, a failover), the
+        transaction rolled back and the connection reconnects on its next
+        use, so the write is made once more. Each write can be: what it
+        changes is conditioned on the rows' state, and a claim whose commit
+        was lost leaves rows that end interrupted, never sent twice.
+        """
+        try:
+            return record(db, *args, **kw)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            logger.warning(
+                "worker %s: the database connection was lost, writing again: %s",
+                self.worker_id,
+                exc.orig,
+            )
+            return record(db, *args, **kw)
+
     def draft(self, emailing_id: int) -> tuple[Draft, LinkIds]:
         with self.lock:
             if emailing_id not in self.drafts:
@@ -157,8 +184,9 @@ class _Send:
             with self.engine.connect() as db:
                 for emailing_id in emailing_ids:
                     while not self.stopping():
-                        batch = claim_batch(
+                        batch = self.write(
                             db,
+                            claim_batch,
                             emailing_id,
                             worker_id=self.worker_id,
                             now=self.clock(),
@@ -171,7 +199,7 @@ class _Send:
                         self.send_batch(db, connection, emailing_id, batch)
                     if self.stopping():
                         return
-                    finish_if_done(db, emailing_id, now=self.clock())
+                    self.write(db, finish_if_done, emailing_id, now=self.clock())
         except Exception:
             logger.exception("worker %s: the send loop crashed", self.worker_id)
             raise
@@ -210,8 +238,9 @@ class _Send:
                     emailing_id,
                     exc,
                 )
-                release(
+                self.write(
                     db,
+                    release,
                     batch[position:],
                     worker_id=self.worker_id,
                     now=self.clock(),
@@ -224,8 +253,9 @@ class _Send:
         if not accepted:
             return
         draft, _link_ids = self.draft(emailing_id)
-        settled = record_sent(
+        settled = self.write(
             db,
+            record_sent,
             emailing_id,
             accepted,
             worker_id=self.worker_id,
@@ -266,8 +296,9 @@ class _Send:
             message = draft.compose(recipient, link_ids=link_ids, now=self.clock())
             data = message.as_bytes()
         except (SendError, ValueError) as exc:
-            record_failure(
+            self.write(
                 db,
+                record_failure,
                 delivery,
                 emailing_id,
                 now=self.clock(),
@@ -283,8 +314,9 @@ class _Send:
         if isinstance(outcome, Accepted):
             accepted.append(delivery.id)
         elif isinstance(outcome, Refused) and outcome.permanent:
-            record_bounce(
+            self.write(
                 db,
+                record_bounce,
                 delivery,
                 emailing_id,
                 now=self.clock(),
@@ -292,8 +324,9 @@ class _Send:
                 **common,
             )
         else:
-            record_failure(
+            self.write(
                 db,
+                record_failure,
                 delivery,
                 emailing_id,
                 now=self.clock(),

@@ -18,7 +18,7 @@ from delivery_factories import (
     addresses,
 )
 from smtp_server import SMTPSink, free_port
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, select, text, update
 from sqlmodel import Session
 
 from sequencer import claims, config, delivery, tokens
@@ -251,6 +251,39 @@ def test_server_down_keeps_the_emailing_sending_then_resumes(
         delivery.dispatch_due(now=later, worker_id="w1")
         assert sink.counts() == dict.fromkeys(addresses(12), 1)
     assert _stored(session, emailing.id).status == EmailingStatus.SENT
+
+
+def test_database_connections_cut_mid_send_lose_nothing(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    """The database drops every connection (a restart, a failover) mid-batch.
+
+    Send loops keep their connection between transactions; the one that
+    finds it dead reconnects and commits what the server already accepted.
+    """
+    if engine.dialect.name != "postgresql":
+        pytest.skip("only a PostgreSQL server can drop its clients' connections")
+    emailing = _emailing_to(engine, session, 60)
+    session.close()
+
+    def drop_connections(received: int) -> None:
+        if received == 15:
+            with engine.connect() as connection:
+                connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid()"
+                    )
+                )
+
+    smtp.handler.after_message = drop_connections
+    accepted = delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    assert accepted == 60
+    assert smtp.total() == 60
+    assert _statuses(session, emailing.id) == {S.SENT: 60}
+    _assert_counters_match_rows(session, emailing.id)
 
 
 def test_cancel_stops_between_batches_with_exact_counters(
