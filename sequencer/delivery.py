@@ -135,9 +135,9 @@ class _Send:
 
         When the database dropped the connection (a restart, a failover), the
         transaction rolled back and the connection reconnects on its next
-        use, so the write is made once more. Each write can be: what it
-        changes is conditioned on the rows' state, and a claim whose commit
-        was lost leaves rows that end interrupted, never sent twice.
+        use, so the write is made once more. Every write is safe to repeat:
+        what it changes depends on the rows' state, and a claim whose commit
+        went through unseen leaves rows that end interrupted, never sent twice.
         """
         try:
             return record(db, *args, **kw)
