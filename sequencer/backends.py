@@ -50,11 +50,19 @@ class Refused:
 
     code: int
     reply: str
+    address: bool = False
+    """The answer to RCPT TO: about the address. Otherwise it is about the
+    sender or the message (MAIL FROM, DATA), and says nothing of the address."""
 
     @property
     def permanent(self) -> bool:
-        """A 5xx: retrying cannot help, the address is bad."""
+        """A 5xx: retrying cannot help."""
         return 500 <= self.code < 600
+
+    @property
+    def bounce(self) -> bool:
+        """A 5xx to RCPT TO: the address is bad and the contact bounces."""
+        return self.permanent and self.address
 
 
 Outcome = Accepted | Refused
@@ -210,7 +218,7 @@ class SMTPConnection:
             smtp.sendmail(sender, [recipient], message)
         except smtplib.SMTPRecipientsRefused as exc:
             code, text = exc.recipients[recipient]
-            return Refused(code, _decode(code, text))
+            return Refused(code, _decode(code, text), address=True)
         except smtplib.SMTPResponseException as exc:
             # Sender or data refused: the answer is about this message. A 421
             # also ends the session (smtplib closed it), so open a new one next.

@@ -313,7 +313,7 @@ class _Send:
         outcome = connection.send(data, draft.sender.addr_spec, message.envelope_to)
         if isinstance(outcome, Accepted):
             accepted.append(delivery.id)
-        elif isinstance(outcome, Refused) and outcome.permanent:
+        elif outcome.bounce:
             self.write(
                 db,
                 record_bounce,
@@ -332,6 +332,9 @@ class _Send:
                 now=self.clock(),
                 reply=outcome.reply,
                 max_attempts=self.settings.max_attempts,
+                # A 5xx about the sender or the message: retrying cannot help,
+                # and the address is not at fault.
+                retry=not outcome.permanent,
                 **common,
             )
 
@@ -476,15 +479,19 @@ def send_test(
     )
     engine = session.get_bind().engine
     draft = Draft.from_emailing(emailing)
-    message = draft.compose(
-        recipient, link_ids=LinkIds(engine, emailing_id), now=now, test=True
-    )
+    try:
+        message = draft.compose(
+            recipient, link_ids=LinkIds(engine, emailing_id), now=now, test=True
+        )
+        data = message.as_bytes()
+    except (SendError, ValueError) as exc:
+        raise SendError(
+            f"test of emailing {emailing_id} to {address}: message not built: {exc}"
+        ) from exc
 
     connection = get_backend().connect()
     try:
-        outcome = connection.send(
-            message.as_bytes(), draft.sender.addr_spec, message.envelope_to
-        )
+        outcome = connection.send(data, draft.sender.addr_spec, message.envelope_to)
     except ServerUnavailable as exc:
         raise SendError(f"test of emailing {emailing_id} to {address}: {exc}") from exc
     finally:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from email import policy
+from email.header import Header
 from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
@@ -42,6 +43,7 @@ from functools import lru_cache
 from typing import Any
 
 import html2text
+from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
@@ -99,21 +101,35 @@ def one_line(value: str) -> str:
 
 
 def make_address(name: str, email: str) -> Address:
-    """A mailbox with an encodable display name and a plain ASCII address."""
+    """A mailbox with an encodable display name and a plain ASCII address.
+
+    An address that is not plain ASCII ``local@domain`` is checked by
+    email-validator, as contacts are when stored, and written with its
+    IDNA 2008 domain (``straße.de`` is ``xn--strae-oqa.de``, not
+    ``strasse.de``, another domain).
+    """
     email = email.strip()
     local, _, domain = email.rpartition("@")
     if not local or not domain:
         raise SendError(f"address {email!r} is not an email address")
-    try:
-        domain = domain.encode("idna").decode("ascii")
-    except UnicodeError as exc:
-        raise SendError(f"address {email!r}: domain cannot be encoded") from exc
     if not local.isascii():
         raise SendError(f"address {email!r}: a non-ASCII mailbox needs SMTPUTF8")
+    if len(email) > 254 or not _PLAIN_ADDR_SPEC.fullmatch(email):
+        try:
+            checked = validate_email(email, check_deliverability=False)
+        except EmailNotValidError as exc:
+            raise SendError(f"address {email!r} is not valid: {exc}") from None
+        local, domain = checked.ascii_local_part, checked.ascii_domain
     try:
         return Address(display_name=one_line(name), username=local, domain=domain)
     except (ValueError, IndexError) as exc:
         raise SendError(f"address {email!r} is not valid: {exc}") from exc
+
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PLAIN_ADDR_SPEC = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+")
+"""An ASCII dot-atom address with a host name: written as it is."""
 
 
 def text_from_html(html: str) -> str:
@@ -223,11 +239,11 @@ def compose(
     """
     folded = [
         header("Subject", one_line(subject)),
-        header("From", str(sender)),
+        address_header("From", sender, cache=True),
         address_header("To", recipient),
     ]
     if reply_to is not None:
-        folded.append(header("Reply-To", str(reply_to)))
+        folded.append(address_header("Reply-To", reply_to, cache=True))
     folded.append(_date_header(date.replace(microsecond=0)))
     folded.append(verbatim_header("Message-ID", message_id))
     if unsubscribe:
@@ -265,7 +281,8 @@ def _encoded_part(content: str, subtype: str) -> tuple[tuple[FoldedHeader, ...],
     content = content.replace("\r\n", "\n").replace("\r", "\n")
     if not content.endswith("\n"):
         content += "\n"
-    if content.isascii() and max(map(len, content.split("\n"))) <= _PLAIN_LINE:
+    plain = content.isascii() and "\x00" not in content
+    if plain and max(map(len, content.split("\n"))) <= _PLAIN_LINE:
         body, encoding = content, "7bit"
     else:
         encoded = binascii.b2a_qp(content.encode("utf-8"), istext=True)
@@ -366,9 +383,27 @@ def header(name: str, value: str, *, cache: bool = True) -> FoldedHeader:
     """
     if _LINE_BREAKS.search(value):
         raise SendError(f"header {name}: a value cannot contain a line break")
+    if "=?" in value:
+        return _encoded_text(name, value, value)
     if name in _PLAIN_TEXT_HEADERS and _plain_enough(name, value):
         return verbatim_header(name, value)
     return _fold_cached(name, value) if cache else _fold(name, value)
+
+
+def _encoded_text(name: str, text: str, value: str, after: str = "") -> FoldedHeader:
+    """A header whose text contains ``=?``, written as RFC 2047 encoded words.
+
+    The policy would read ``=?utf-8?b?...?=`` in a subject or a name as an
+    encoded word and write what it decodes to: a line break there would
+    start a header of its own. Encoded whole, the text reaches the reader
+    as it was written. ``value`` is the header's value, ``text`` the part
+    of it encoded and ``after`` what follows (an address in angle brackets).
+    """
+    encoded = Header(text, "utf-8", header_name=name).encode(linesep=POLICY.linesep)
+    folded = FoldedHeader(value)
+    folded.name = name
+    folded.folded = f"{name}: {encoded}{after}{POLICY.linesep}"
+    return folded
 
 
 _PLAIN_TEXT_HEADERS = {"Subject"}
@@ -391,17 +426,21 @@ def _plain_enough(name: str, value: str) -> bool:
     )
 
 
-def address_header(name: str, address: Address) -> FoldedHeader:
+def address_header(name: str, address: Address, *, cache: bool = False) -> FoldedHeader:
     """An address header; a plain name and address are written as they are.
 
-    ``Person Name <someone@example.com>`` needs no quoting nor encoding;
-    anything else (accents, commas, quotes) goes through the policy.
+    ``Person Name <someone@example.com>`` needs no quoting nor encoding; a
+    name with ``=?`` is encoded whole (see ``_encoded_text``); anything else
+    (accents, commas, quotes) goes through the policy.
     """
     value = str(address)
+    if "=?" in address.display_name:
+        after = f" <{address.addr_spec}>"
+        return _encoded_text(name, address.display_name, value, after)
     fits = len(name) + 2 + len(value) <= POLICY.max_line_length
     if fits and value.isascii() and _PLAIN_ADDRESS.fullmatch(value):
         return verbatim_header(name, value)
-    return header(name, value, cache=False)
+    return header(name, value, cache=cache)
 
 
 # --- Per recipient ----------------------------------------------------------------

@@ -42,6 +42,8 @@ class RecordingHandler:
         self.messages: dict[str, list[bytes]] = defaultdict(list)
         self.envelopes: list[tuple[str, list[str]]] = []
         self.lock = threading.Lock()
+        self.refuse_message: str | None = None
+        """A reply (e.g. ``554 ...``) given to every message at the end of DATA."""
         self.after_message: Callable[[int], None] | None = None
         """Called with the number of messages received so far, after each one."""
 
@@ -64,6 +66,8 @@ class RecordingHandler:
     async def handle_DATA(
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
+        if self.refuse_message is not None:
+            return self.refuse_message
         content = envelope.original_content or envelope.content
         data = content if isinstance(content, bytes) else content.encode()
         with self.lock:

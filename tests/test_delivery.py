@@ -253,6 +253,25 @@ def test_server_down_keeps_the_emailing_sending_then_resumes(
     assert _stored(session, emailing.id).status == EmailingStatus.SENT
 
 
+def test_message_refused_fails_without_bouncing_the_addresses(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 5)
+    smtp.handler.refuse_message = "554 5.7.1 Message refused as spam"
+
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    assert _statuses(session, emailing.id) == {S.FAILED: 5}
+    _assert_counters_match_rows(session, emailing.id)
+    rows = session.scalars(
+        select(Delivery).where(Delivery.emailing_id == emailing.id)
+    ).all()
+    assert {row.attempts for row in rows} == {1}
+    assert {row.smtp_reply for row in rows} == {"554 5.7.1 Message refused as spam"}
+    statuses = session.scalars(select(Contact.status)).all()
+    assert set(statuses) == {ContactStatus.SUBSCRIBED}
+
+
 def test_database_connections_cut_mid_send_lose_nothing(
     engine: Engine, session: Session, smtp: SMTPSink
 ) -> None:
@@ -361,6 +380,17 @@ def test_send_test_refused_by_the_server_says_why(
 
     with pytest.raises(SendError, match="refused: 550"):
         delivery.send_test(session, emailing.id, "nobody@example.com")
+
+
+@pytest.mark.parametrize("address", ["a@b@example.com", "a@example.com, c@x.io"])
+def test_send_test_to_what_is_not_one_address_is_refused(
+    engine: Engine, session: Session, smtp: SMTPSink, address: str
+) -> None:
+    emailing = _emailing_to(engine, session, 1)
+
+    with pytest.raises(SendError, match="message not built: address .* is not valid"):
+        delivery.send_test(session, emailing.id, address)
+    assert smtp.total() == 0
 
 
 def test_stale_in_flight_deliveries_are_interrupted_never_resent(

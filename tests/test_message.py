@@ -240,6 +240,20 @@ def test_international_domain_is_written_in_ascii() -> None:
     )
 
 
+def test_international_domain_keeps_its_sharp_s() -> None:
+    # IDNA 2003 would map it to "ss": strasse.de is someone else's domain.
+    assert make_address("", "bob@straße.de").addr_spec == "bob@xn--strae-oqa.de"
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["a@b@example.com", "a b@example.com", "<a@example.com>", "a@example.com, c@x.io"],
+)
+def test_address_that_is_not_one_mailbox_is_refused(address: str) -> None:
+    with pytest.raises(SendError, match="is not valid"):
+        make_address("", address)
+
+
 def test_non_ascii_mailbox_is_refused() -> None:
     with pytest.raises(SendError, match="non-ASCII mailbox"):
         make_address("", "zoé@example.com")
@@ -319,9 +333,21 @@ SUBJECTS = [
     "A long subject " * 12,
     "  spaced   out  ",
     "Prix =? 100 ?= promo",
+    "=?utf-8?q?looks_encoded?=",
+    "News for =?utf-8?b?eA0KQmNjOiBldmlsQGV4YW1wbGUuY29t?=",
     'Quotes " and \\ and, commas',
 ]
-NAMES = ["", "Ann Lee", "Zoé Łukasiewicz", 'Lee, "Ann"', "O'Brien (shop)", "x" * 90]
+NAMES = [
+    "",
+    "Ann Lee",
+    "Zoé Łukasiewicz",
+    'Lee, "Ann"',
+    "O'Brien (shop)",
+    "x" * 90,
+    "Joe =?utf-8?q?=22?= x",
+    "=?utf-8?q?x@evil.example?=",
+    "=?utf-8?b?eA0KQmNjOiBldmlsQGV4YW1wbGUuY29t?=",
+]
 BODIES = [
     "hello",
     "Bonjour,\r\n\r\nNos nouveautés.\r\n",
@@ -329,6 +355,7 @@ BODIES = [
     "a long line " * 40 + "\n.\nFrom here\n\tTab\x0bvt\x0cff\rcr only\n",
     "",
     "emoji 🎉 and trailing spaces   \n   \n",
+    "a NUL\x00 character\n",
 ]
 
 
@@ -363,8 +390,11 @@ def test_composed_bytes_are_what_the_email_package_writes(
     assert raw == composed.message().as_bytes()
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
     parsed = BytesParser(policy=policy.default).parsebytes(raw)
+    assert b"\x00" not in raw
+    assert "Bcc" not in parsed
     assert parsed["Subject"] == one_line(subject)
     assert parsed["To"].addresses[0].display_name == one_line(name)
+    assert parsed["To"].addresses[0].addr_spec == "ann@example.com"
     text = parsed.get_body(("plain",)).get_content()
     assert text.replace("\r\n", "\n") == (
         body.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n") + "\n"
