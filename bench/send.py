@@ -336,7 +336,11 @@ def run(
     )
     children.append(sink_process)
     assert sink_process.stdout is not None
-    sink_process.stdout.readline()
+    if sink_process.stdout.readline().strip() != "ready":
+        raise SystemExit(
+            "the SMTP sink did not start (aiosmtpd is a development requirement: "
+            ".venv/bin/pip install -r requirements-dev.txt)"
+        )
     expected_at_sink = 0
 
     # Workers wait for work; the scheduler starts them polling.
