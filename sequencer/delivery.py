@@ -40,6 +40,7 @@ from sequencer.backends import (
 )
 from sequencer.claims import (
     INTERRUPTED_REPLY,
+    SERVER_DOWN_WAIT,
     Claimed,
     E,
     S,
@@ -73,6 +74,10 @@ commit costs about as much as rendering a message.
 FLUSH_SECONDS = 1.0
 
 _stop = threading.Event()
+
+_unreachable: dict[str, datetime] = {}
+"""When a backend this process could not reach may be tried again, by backend."""
+_unreachable_lock = threading.Lock()
 
 
 def request_stop() -> None:
@@ -359,9 +364,19 @@ def dispatch_due(
     emailing_ids = sending_ids(engine)
     if not emailing_ids:
         return 0
+
+    # A server that could not be reached is left alone a while: each pass
+    # would otherwise claim a batch, fail to connect and hand it back.
+    backend = get_backend(settings)
+    where = backend.describe()
+    with _unreachable_lock:
+        retry_at = _unreachable.get(where)
+    if retry_at is not None and clock() < retry_at:
+        return 0
+
     send = _Send(
         engine=engine,
-        backend=get_backend(settings),
+        backend=backend,
         settings=settings,
         worker_id=worker_id,
         clock=clock,
@@ -369,6 +384,11 @@ def dispatch_due(
         limiter=RateLimiter(settings.smtp_rate),
     )
     accepted = send.run(emailing_ids)
+    with _unreachable_lock:
+        if send.unreachable.is_set():
+            _unreachable[where] = clock() + SERVER_DOWN_WAIT
+        else:
+            _unreachable.pop(where, None)
     if accepted:
         logger.info("worker %s: %s messages accepted", worker_id, accepted)
     return accepted

@@ -253,6 +253,39 @@ def test_server_down_keeps_the_emailing_sending_then_resumes(
     assert _stored(session, emailing.id).status == EmailingStatus.SENT
 
 
+def test_unreachable_server_is_left_alone_until_it_may_be_back(
+    engine: Engine, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    monkeypatch.setenv("SEQUENCER_SMTP_URL", f"smtp://127.0.0.1:{port}")
+    monkeypatch.setenv("SEQUENCER_SMTP_CONNECTIONS", "2")
+    monkeypatch.setenv("SEQUENCER_BATCH_SIZE", "10")
+    config.get_settings.cache_clear()
+    emailing = _emailing_to(engine, session, 60)
+
+    def waiting() -> int:
+        session.expire_all()
+        return session.scalars(
+            select(func.count()).where(Delivery.next_attempt_at.is_not(None))
+        ).one()
+
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+    handed_back = waiting()
+    assert 0 < handed_back <= 20
+
+    # The next passes do not claim batch after batch only to hand them back.
+    for seconds in (2, 4, 20):
+        delivery.dispatch_due(now=NOW + timedelta(seconds=seconds), worker_id="w1")
+    assert waiting() == handed_back
+    assert _statuses(session, emailing.id) == {S.QUEUED: 60}
+
+    with SMTPSink(port=port) as sink:
+        later = NOW + claims.SERVER_DOWN_WAIT + timedelta(seconds=5)
+        delivery.dispatch_due(now=later, worker_id="w1")
+        assert sink.counts() == dict.fromkeys(addresses(60), 1)
+    _assert_counters_match_rows(session, emailing.id)
+
+
 def test_message_refused_fails_without_bouncing_the_addresses(
     engine: Engine, session: Session, smtp: SMTPSink
 ) -> None:
