@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import smtplib
 import subprocess
@@ -460,10 +461,16 @@ def main() -> None:
     children: list[subprocess.Popen] = []
     try:
         rates = run(args, engine, env, folder, port, sender_id, list_id, children)
+    except BaseException:
+        print(f"worker logs and database kept in {folder}", file=sys.stderr)
+        raise
     finally:
         for child in children:
             if child.poll() is None:
                 child.kill()
+    engine.dispose()
+    if not args.url:
+        shutil.rmtree(folder, ignore_errors=True)
     project, plain = rates
     print(
         f"best rates: project {project:.0f}/s, plain {plain:.0f}/s over "

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -208,6 +210,7 @@ def reset_postgres(url: str) -> None:
 
 def run(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     url = args.url or f"sqlite:///{workdir / 'bench.db'}"
     if args.url:
         reset_postgres(url)
