@@ -112,6 +112,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+_SERVERS = (_worker, _run)
+"""Commands that keep running: they log at INFO level."""
+
+
 def _send_test(args: argparse.Namespace) -> int:
     from sequencer.db import session_scope
     from sequencer.delivery import send_test
@@ -207,7 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the process exit code."""
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        level = logging.DEBUG if args.verbose else logging.WARNING
+        # The servers log what they send and claim; one-off commands print
+        # their result and log only what went wrong.
+        quiet = logging.INFO if args.handler in _SERVERS else logging.WARNING
+        level = logging.DEBUG if args.verbose else quiet
         logging.basicConfig(level=level, format=LOG_FORMAT)
     try:
         return int(args.handler(args))
