@@ -216,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet = logging.INFO if args.handler in _SERVERS else logging.WARNING
         level = logging.DEBUG if args.verbose else quiet
         logging.basicConfig(level=level, format=LOG_FORMAT)
+        logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
     try:
         return int(args.handler(args))
     except SequencerError as exc:
