@@ -7,8 +7,9 @@ import streamlit as st
 from sqlalchemy.engine import make_url
 
 from pages import ui
-from sequencer import delivery, engine, scheduler
+from sequencer import backends, delivery, engine, scheduler
 from sequencer.config import get_settings
+from sequencer.exceptions import ValidationError
 
 REFRESH_SECONDS = 5
 settings = get_settings()
@@ -25,23 +26,19 @@ st.title("Settings")
 
 # Configuration: read from the environment at start; see the README.
 st.subheader("Configuration")
-if settings.smtp_url:
-    smtp = make_url(settings.smtp_url.replace("smtps://", "smtp+ssl://"))
-    st.success(
-        f"Email goes out through the SMTP server {smtp.host}:{smtp.port or ''}.",
-        icon=":material/mail:",
-    )
+try:
+    where = backends.describe_backend(settings)
+except ValidationError as exc:
+    where = f"nothing can be sent: {exc}"
+    st.error(where, icon=":material/error:")
 else:
-    st.warning(
-        "No SEQUENCER_SMTP_URL is set: messages are written as .eml files to "
-        f"{settings.outbox_dir} instead of being sent.",
-        icon=":material/inbox:",
-    )
+    if settings.smtp_url:
+        st.success(f"Email goes out through the {where}.", icon=":material/mail:")
+    else:
+        st.warning(where, icon=":material/inbox:")
 config = {
     "Database": make_url(settings.database_url).render_as_string(hide_password=True),
-    "SMTP": make_url(settings.smtp_url).render_as_string(hide_password=True)
-    if settings.smtp_url
-    else f"outbox ({settings.outbox_dir})",
+    "Sending": where,
     "Public URL": settings.public_url,
     "Rate (messages per second)": str(settings.smtp_rate or "no limit"),
     "SMTP connections": str(settings.smtp_connections),

@@ -1,12 +1,16 @@
 """Where messages go: an SMTP server, or the outbox folder when none is set.
 
 A backend opens *connections*; the sender keeps one per parallel slot and
-reuses it for message after message. Sending one message ends in one of three
+reuses it for message after message. Sending one message ends in one of four
 ways, which decide what happens to its delivery:
 
 - ``Accepted``: the server took it (or the outbox file is written);
 - ``Refused``: the server answered for this recipient, 5xx (permanent, the
-  delivery bounces) or 4xx (temporary, it is retried later);
+  delivery bounces) or 4xx (temporary, it is retried later); a timeout or a
+  lost connection before the whole message was handed over counts as a 4xx;
+- ``Uncertain``: the whole message was handed over, then the answer never
+  came (a timeout, a dropped connection). The server may have accepted it, so
+  it is never sent again: resending is how one recipient gets two;
 - ``ServerUnavailable`` raised: the server could not be reached at all. No
   recipient is at fault, so no attempt is counted and the emailing waits.
 """
@@ -65,7 +69,14 @@ class Refused:
         return self.permanent and self.address
 
 
-Outcome = Accepted | Refused
+@dataclass(frozen=True)
+class Uncertain:
+    """The message was handed over but no answer came: it may have gone out."""
+
+    reply: str
+
+
+Outcome = Accepted | Refused | Uncertain
 
 
 class ServerUnavailable(Exception):
@@ -141,12 +152,31 @@ class SMTPConfig:
 
 
 class _SMTP(smtplib.SMTP):
-    """``smtplib.SMTP`` writing plain envelope addresses as they are.
+    """``smtplib.SMTP`` that knows when a message has left, and is quick.
 
-    The sender writes ``MAIL FROM`` and ``RCPT TO`` from addresses that
-    ``message.make_address`` checked; smtplib would parse each again with
-    ``email.utils.parseaddr``, a good part of its work for a message.
+    ``handed_over`` turns true once the message data, with its final dot,
+    is written to the server during ``DATA``: from then on a silence may
+    hide an accepted message. The sender writes ``MAIL FROM`` and ``RCPT
+    TO`` from addresses that ``message.make_address`` checked; smtplib would
+    parse each again with ``email.utils.parseaddr``, a good part of its work
+    for a message.
     """
+
+    handed_over = False
+    _in_data = False
+
+    def data(self, msg: bytes | str) -> tuple[int, bytes]:
+        self._in_data = True
+        try:
+            return super().data(msg)
+        finally:
+            self._in_data = False
+
+    def send(self, s: bytes | str) -> None:
+        super().send(s)
+        # smtplib writes commands as text and the message data as bytes.
+        if self._in_data and isinstance(s, bytes):
+            self.handed_over = True
 
     def mail(self, sender: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
         utf8 = any(option.lower() == "smtputf8" for option in options)
@@ -182,14 +212,14 @@ class SMTPConnection:
 
     def __init__(self, config: SMTPConfig) -> None:
         self.config = config
-        self._smtp: smtplib.SMTP | None = None
+        self._smtp: _SMTP | None = None
         self._last_used = time.monotonic()
 
-    def _open(self) -> smtplib.SMTP:
+    def _open(self) -> _SMTP:
         config = self.config
         try:
             if config.ssl:
-                smtp: smtplib.SMTP = _SMTPSSL(
+                smtp: _SMTP = _SMTPSSL(
                     config.host,
                     config.port,
                     timeout=config.timeout,
@@ -214,6 +244,7 @@ class SMTPConnection:
 
     def send(self, message: bytes, sender: str, recipient: str) -> Outcome:
         smtp = self._ready()
+        smtp.handed_over = False
         try:
             smtp.sendmail(sender, [recipient], message)
         except smtplib.SMTPRecipientsRefused as exc:
@@ -226,17 +257,24 @@ class SMTPConnection:
                 self._drop()
             return Refused(exc.smtp_code, _reply(exc))
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
-            # The message may or may not have gone: a temporary failure of this
-            # recipient (it counts an attempt), and a new session next time.
+            # A new session next time. Before the whole message was written
+            # the server cannot have taken it: a temporary failure (it counts
+            # an attempt). After, it may have: never send it again.
             self._drop()
-            if isinstance(exc, TimeoutError):
-                return Refused(451, f"timed out: {exc}")
-            return Refused(451, f"connection lost: {exc}")
+            # smtplib reports a reply that timed out as a lost connection.
+            silent = TimeoutError in (type(exc), type(exc.__context__))
+            if silent:
+                what = f"no answer in {self.config.timeout:g}s"
+            else:
+                what = f"connection lost: {exc}"
+            if smtp.handed_over:
+                return Uncertain(f"the message was handed over, then {what}")
+            return Refused(451, what)
         finally:
             self._last_used = time.monotonic()
         return Accepted("250 accepted")
 
-    def _ready(self) -> smtplib.SMTP:
+    def _ready(self) -> _SMTP:
         """The open session, checked with a NOOP when it sat idle a while.
 
         Servers close idle sessions; finding out before MAIL FROM means a

@@ -65,9 +65,8 @@ NO_LIST_NOTE = (
     "No recipient: no contact list is selected and 'all contacts' is off, so "
     "nothing was sent."
 )
-INTERRUPTED_REPLY = (
-    "its worker stopped while sending; not resent, since it may have gone out"
-)
+UNCERTAIN_NOTE = "not resent, since it may have gone out"
+INTERRUPTED_REPLY = f"its worker stopped while sending; {UNCERTAIN_NOTE}"
 
 S = DeliveryStatus
 E = EmailingStatus
@@ -445,6 +444,39 @@ def record_failure(
             reply,
         )
     return will_retry
+
+
+def record_uncertain(
+    bind: Bind,
+    delivery: Claimed,
+    emailing_id: int,
+    *,
+    worker_id: str,
+    now: datetime,
+    reply: str,
+) -> None:
+    """The message was handed over and no answer came: interrupted, never resent.
+
+    The server may have accepted it before the silence; a second try is how
+    one recipient gets two messages. The reply says what happened.
+    """
+    with writing(bind) as connection:
+        _settle(
+            connection,
+            delivery.id,
+            worker_id,
+            now,
+            status=S.INTERRUPTED,
+            smtp_reply=f"{reply}; {UNCERTAIN_NOTE}"[:2000],
+            next_attempt_at=None,
+        )
+    logger.warning(
+        "emailing %s: delivery %s to %s interrupted, not resent: %s",
+        emailing_id,
+        delivery.id,
+        delivery.email,
+        reply,
+    )
 
 
 def release(

@@ -36,6 +36,7 @@ from sequencer.backends import (
     RateLimiter,
     Refused,
     ServerUnavailable,
+    Uncertain,
     get_backend,
 )
 from sequencer.claims import (
@@ -50,6 +51,7 @@ from sequencer.claims import (
     record_bounce,
     record_failure,
     record_sent,
+    record_uncertain,
     release,
     sending_ids,
 )
@@ -318,6 +320,16 @@ class _Send:
         outcome = connection.send(data, draft.sender.addr_spec, message.envelope_to)
         if isinstance(outcome, Accepted):
             accepted.append(delivery.id)
+        elif isinstance(outcome, Uncertain):
+            self.write(
+                db,
+                record_uncertain,
+                delivery,
+                emailing_id,
+                now=self.clock(),
+                reply=outcome.reply,
+                **common,
+            )
         elif outcome.bounce:
             self.write(
                 db,
@@ -519,6 +531,11 @@ def send_test(
     if isinstance(outcome, Refused):
         raise SendError(
             f"test of emailing {emailing_id} to {address} refused: {outcome.reply}"
+        )
+    if isinstance(outcome, Uncertain):
+        raise SendError(
+            f"test of emailing {emailing_id} to {address}: {outcome.reply}; "
+            "it may still arrive"
         )
     logger.info("emailing %s: test message sent to %s", emailing_id, address)
     return f"Test message sent to {address} ({outcome.reply})."

@@ -137,7 +137,8 @@ class DeliveryStatus(StrEnum):
     SKIPPED = "skipped"
     """Not sent because the emailing was cancelled."""
     INTERRUPTED = "interrupted"
-    """Its worker died mid-send; never resent, since it may have gone out."""
+    """Its worker died mid-send, or the server went silent after taking the
+    message; never resent, since it may have gone out."""
 
 
 class TrackingKind(StrEnum):

@@ -4,11 +4,14 @@
 message per recipient, so tests can count what each address received and parse
 it. Addresses put in ``bounce`` are refused with a 550 at RCPT time, those in
 ``defer`` with a 451, as a real server does for an unknown mailbox or a
-greylisted sender.
+greylisted sender. Those in ``stall_rcpt`` get no answer to RCPT for a while
+(once each), and those in ``stall_data`` have their message stored and then
+no answer to the end of DATA: a server that took it and went silent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -39,7 +42,12 @@ class RecordingHandler:
     def __init__(self) -> None:
         self.bounce: set[str] = set()
         self.defer: set[str] = set()
+        self.stall_rcpt: set[str] = set()
+        self.stall_data: set[str] = set()
+        self.stall_seconds = 3.0
         self.messages: dict[str, list[bytes]] = defaultdict(list)
+        self.arrivals: list[tuple[float, tuple[str, int]]] = []
+        """When each message arrived (monotonic seconds) and on which session."""
         self.envelopes: list[tuple[str, list[str]]] = []
         self.lock = threading.Lock()
         self.refuse_message: str | None = None
@@ -56,6 +64,9 @@ class RecordingHandler:
         rcpt_options: list[str],
     ) -> str:
         key = address.lower()
+        if key in self.stall_rcpt:
+            self.stall_rcpt.discard(key)
+            await asyncio.sleep(self.stall_seconds)
         if key in self.bounce:
             return BOUNCE_REPLY.format(address=address)
         if key in self.defer:
@@ -72,11 +83,14 @@ class RecordingHandler:
         data = content if isinstance(content, bytes) else content.encode()
         with self.lock:
             self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+            self.arrivals.append((time.monotonic(), tuple(session.peer)))
             for address in envelope.rcpt_tos:
                 self.messages[address.lower()].append(data)
             received = sum(len(value) for value in self.messages.values())
         if self.after_message is not None:
             self.after_message(received)
+        if {address.lower() for address in envelope.rcpt_tos} & self.stall_data:
+            await asyncio.sleep(self.stall_seconds)
         return "250 2.0.0 Message accepted for delivery"
 
 
@@ -138,6 +152,16 @@ class SMTPSink:
         with self.handler.lock:
             return {key: len(value) for key, value in self.handler.messages.items()}
 
+    def sessions(self) -> set[tuple[str, int]]:
+        """The SMTP sessions (client address and port) messages came in on."""
+        with self.handler.lock:
+            return {peer for _at, peer in self.handler.arrivals}
+
+    def arrival_times(self) -> list[float]:
+        """When each message arrived, in monotonic seconds, oldest first."""
+        with self.handler.lock:
+            return sorted(at for at, _peer in self.handler.arrivals)
+
     def total(self) -> int:
         """How many messages were received, over every recipient."""
         return sum(self.counts().values())
@@ -146,6 +170,7 @@ class SMTPSink:
         with self.handler.lock:
             self.handler.messages.clear()
             self.handler.envelopes.clear()
+            self.handler.arrivals.clear()
 
     def wait_for(self, count: int, timeout: float = 30.0) -> int:
         """Wait until at least ``count`` messages arrived; return how many did.

@@ -106,6 +106,36 @@ def test_each_message_names_its_own_recipient(
         assert tokens.unsubscribe_url(row.id) in message["List-Unsubscribe"]
 
 
+def test_connections_are_reused_and_run_in_parallel(
+    engine: Engine, session: Session, smtp: SMTPSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEQUENCER_SMTP_CONNECTIONS", "3")
+    config.get_settings.cache_clear()
+    _emailing_to(engine, session, 90)
+
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    # Nine batches of ten shared by three sessions, each kept for many messages.
+    assert smtp.total() == 90
+    assert 2 <= len(smtp.sessions()) <= 3
+
+
+def test_rate_limit_holds_over_every_connection(
+    engine: Engine, session: Session, smtp: SMTPSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEQUENCER_SMTP_RATE", "20")
+    config.get_settings.cache_clear()
+    _emailing_to(engine, session, 21)
+
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    # 21 messages at 20 a second, over two connections: a second at least,
+    # where unlimited they take a few milliseconds.
+    times = smtp.arrival_times()
+    assert len(times) == 21
+    assert times[-1] - times[0] >= 0.9
+
+
 def test_emailing_not_yet_due_is_left_alone(
     engine: Engine, session: Session, smtp: SMTPSink
 ) -> None:
@@ -227,6 +257,61 @@ def test_451_until_the_limit_fails_the_delivery_keeping_the_reply(
     stored = _stored(session, emailing.id)
     assert stored.status == EmailingStatus.SENT
     assert stored.note == "1 sent, 1 failed"
+    _assert_counters_match_rows(session, emailing.id)
+
+
+def test_timeout_before_the_message_is_handed_over_retries_it_once(
+    engine: Engine, session: Session, smtp: SMTPSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEQUENCER_SMTP_TIMEOUT", "1")
+    config.get_settings.cache_clear()
+    smtp.handler.stall_rcpt.add("person1@example.com")
+    smtp.handler.stall_seconds = 2.5
+    emailing = _emailing_to(engine, session, 4)
+
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+    waiting = session.scalars(
+        select(Delivery).where(Delivery.email == "person1@example.com")
+    ).one()
+    assert (waiting.status, waiting.attempts) == (S.QUEUED, 1)
+    assert waiting.smtp_reply == "no answer in 1s"
+    assert set(smtp.counts()) == set(addresses(4)) - {"person1@example.com"}
+
+    delivery.dispatch_due(now=NOW + timedelta(minutes=2), worker_id="w1")
+
+    assert smtp.counts() == dict.fromkeys(addresses(4), 1)
+    stored = _stored(session, emailing.id)
+    assert (stored.status, stored.sent) == (EmailingStatus.SENT, 4)
+    _assert_counters_match_rows(session, emailing.id)
+
+
+def test_silence_after_the_message_is_handed_over_is_never_resent(
+    engine: Engine, session: Session, smtp: SMTPSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEQUENCER_SMTP_TIMEOUT", "1")
+    config.get_settings.cache_clear()
+    smtp.handler.stall_data.add("person2@example.com")
+    smtp.handler.stall_seconds = 2.5
+    emailing = _emailing_to(engine, session, 4)
+
+    # The server stored the message, then said nothing until the timeout.
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+    for later in (timedelta(minutes=2), timedelta(hours=3)):
+        delivery.dispatch_due(now=NOW + later, worker_id="w1")
+
+    assert smtp.counts() == dict.fromkeys(addresses(4), 1)
+    silent = session.scalars(
+        select(Delivery).where(Delivery.email == "person2@example.com")
+    ).one()
+    assert silent.status == S.INTERRUPTED
+    assert silent.attempts == 1
+    assert silent.smtp_reply.startswith(
+        "the message was handed over, then no answer in 1s; not resent"
+    )
+    assert "not resent" in silent.smtp_reply
+    stored = _stored(session, emailing.id)
+    assert stored.status == EmailingStatus.SENT
+    assert stored.note == "3 sent, 1 interrupted"
     _assert_counters_match_rows(session, emailing.id)
 
 

@@ -8,15 +8,24 @@ from datetime import timedelta
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
-from delivery_factories import NOW, add_contacts, add_emailing, add_list, add_sender
+from delivery_factories import (
+    NOW,
+    add_contacts,
+    add_emailing,
+    add_list,
+    add_sender,
+    addresses,
+)
 from smtp_server import SMTPSink
 from sqlalchemy import Engine, select
 from sqlmodel import Session
+from worker_process import wait_until
 
 from sequencer import config, records, scheduler
 from sequencer.entities import get_entity
 from sequencer.enums import EmailingStatus, EventStatus, RecordAction
 from sequencer.models import Emailing, Event, WorkerHeartbeat
+from sequencer.timeutil import utcnow
 
 
 @pytest.fixture
@@ -63,6 +72,60 @@ def test_pass_runs_pending_events_and_sends_due_emailings(
     statuses = session.scalars(select(Event.status)).all()
     assert set(statuses) == {EventStatus.PROCESSED}
     assert worker.total() == 2
+
+
+def test_pass_cut_short_leaves_the_rest_to_the_next_pass(
+    engine: Engine,
+    session: Session,
+    worker: SMTPSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SEQUENCER_SMTP_RATE", "40")
+    monkeypatch.setenv("SEQUENCER_BATCH_SIZE", "5")
+    config.get_settings.cache_clear()
+    contact_list = add_list(session)
+    add_contacts(engine, addresses(60), list_id=contact_list.id)
+    emailing = add_emailing(session, add_sender(session), lists=[contact_list.id])
+
+    first = scheduler.run_pass(NOW, max_seconds=0.5)
+    session.expire_all()
+    assert 0 < first["sent"] < 60
+    assert session.get_one(Emailing, emailing.id).status == EmailingStatus.SENDING
+
+    second = scheduler.run_pass(NOW + timedelta(seconds=3), max_seconds=None)
+
+    assert first["sent"] + second["sent"] == 60
+    assert worker.counts() == dict.fromkeys(addresses(60), 1)
+    session.expire_all()
+    assert session.get_one(Emailing, emailing.id).status == EmailingStatus.SENT
+
+
+def test_emailing_due_during_a_long_pass_goes_out_on_a_later_one(
+    engine: Engine,
+    session: Session,
+    worker: SMTPSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SEQUENCER_TICK_SECONDS", "0.2")
+    monkeypatch.setenv("SEQUENCER_SMTP_RATE", "40")
+    config.get_settings.cache_clear()
+    sender = add_sender(session)
+    contact_list = add_list(session)
+    add_contacts(engine, addresses(60), list_id=contact_list.id)
+    long_one = add_emailing(session, sender, lists=[contact_list.id], send_at=utcnow())
+
+    # The real scheduler: its passes come every 0.2 s, the first lasts 1.5 s.
+    scheduler.start_scheduler()
+    assert wait_until(lambda: worker.total() > 0, timeout=30)
+    late_one = add_emailing(session, sender, lists=[contact_list.id], send_at=utcnow())
+
+    def sent(emailing_id: int) -> bool:
+        with Session(engine) as check:
+            stored = check.get_one(Emailing, emailing_id)
+            return stored.status == EmailingStatus.SENT
+
+    assert wait_until(lambda: sent(long_one.id) and sent(late_one.id), timeout=60)
+    assert worker.counts() == dict.fromkeys(addresses(60), 2)
 
 
 def test_pass_writes_the_heartbeat_with_what_it_did(
