@@ -41,6 +41,18 @@ def smtp(smtp_server: SMTPSink, monkeypatch: pytest.MonkeyPatch) -> SMTPSink:
     return smtp_server
 
 
+@pytest.fixture
+def impatient(smtp: SMTPSink, monkeypatch: pytest.MonkeyPatch) -> SMTPSink:
+    """The test server, with Sequencer waiting one second for each answer.
+
+    The server's stalls (``stall_rcpt``, ``stall_data``) last longer.
+    """
+    monkeypatch.setenv("SEQUENCER_SMTP_TIMEOUT", "1")
+    config.get_settings.cache_clear()
+    smtp.handler.stall_seconds = 2.5
+    return smtp
+
+
 def _emailing_to(
     engine: Engine, session: Session, count: int, **values: object
 ) -> Emailing:
@@ -261,12 +273,10 @@ def test_451_until_the_limit_fails_the_delivery_keeping_the_reply(
 
 
 def test_timeout_before_the_message_is_handed_over_retries_it_once(
-    engine: Engine, session: Session, smtp: SMTPSink, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, session: Session, impatient: SMTPSink
 ) -> None:
-    monkeypatch.setenv("SEQUENCER_SMTP_TIMEOUT", "1")
-    config.get_settings.cache_clear()
+    smtp = impatient
     smtp.handler.stall_rcpt.add("person1@example.com")
-    smtp.handler.stall_seconds = 2.5
     emailing = _emailing_to(engine, session, 4)
 
     delivery.dispatch_due(now=NOW, worker_id="w1")
@@ -286,12 +296,10 @@ def test_timeout_before_the_message_is_handed_over_retries_it_once(
 
 
 def test_silence_after_the_message_is_handed_over_is_never_resent(
-    engine: Engine, session: Session, smtp: SMTPSink, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, session: Session, impatient: SMTPSink
 ) -> None:
-    monkeypatch.setenv("SEQUENCER_SMTP_TIMEOUT", "1")
-    config.get_settings.cache_clear()
+    smtp = impatient
     smtp.handler.stall_data.add("person2@example.com")
-    smtp.handler.stall_seconds = 2.5
     emailing = _emailing_to(engine, session, 4)
 
     # The server stored the message, then said nothing until the timeout.
