@@ -249,6 +249,9 @@ class SMTPConnection:
             smtp.sendmail(sender, [recipient], message)
         except smtplib.SMTPRecipientsRefused as exc:
             code, text = exc.recipients[recipient]
+            # A 421 ends the session wherever it comes (smtplib closed it).
+            if code == 421:
+                self._drop()
             return Refused(code, _decode(code, text), address=True)
         except smtplib.SMTPResponseException as exc:
             # Sender or data refused: the answer is about this message. A 421

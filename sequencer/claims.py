@@ -425,6 +425,8 @@ def record_failure(
         _settle(
             connection, delivery.id, worker_id, now, smtp_reply=reply[:2000], **values
         )
+        if will_retry:
+            skip_cancelled(connection, now=now, emailing_id=emailing_id)
     if will_retry:
         logger.info(
             "emailing %s: delivery %s to %s retried at %s: %s",
@@ -481,6 +483,7 @@ def record_uncertain(
 
 def release(
     bind: Bind,
+    emailing_id: int,
     deliveries: list[Claimed],
     *,
     worker_id: str,
@@ -511,6 +514,42 @@ def release(
                 updated_at=now,
             )
         )
+        skip_cancelled(connection, now=now, emailing_id=emailing_id)
+
+
+def skip_cancelled(
+    connection: Connection, *, now: datetime, emailing_id: int | None = None
+) -> int:
+    """Skip what is still queued of cancelled emailings; return how many.
+
+    A cancel skips the queue at once, but a delivery in flight at that moment
+    can come back to it (a 4xx, an unreachable server) after the cancel: it
+    is skipped too, and the emailing's note counts it. Runs in the caller's
+    transaction, for one emailing or, from a pass's clean-up, for all.
+    """
+    cancelled = select(Emailing.id).where(Emailing.status == E.CANCELLED)
+    if emailing_id is not None:
+        cancelled = cancelled.where(Emailing.id == emailing_id)
+    touched = connection.execute(
+        update(Delivery)
+        .where(Delivery.emailing_id.in_(cancelled), Delivery.status == S.QUEUED)
+        .values(status=S.SKIPPED, next_attempt_at=None, updated_at=now)
+        .returning(Delivery.emailing_id)
+    ).scalars()
+    emailing_ids = sorted(set(touched))
+    for touched_id in emailing_ids:
+        skipped = connection.scalar(
+            select(func.count()).where(
+                Delivery.emailing_id == touched_id, Delivery.status == S.SKIPPED
+            )
+        )
+        connection.execute(
+            update(Emailing)
+            .where(Emailing.id == touched_id)
+            .values(note=f"Cancelled: {skipped} recipients skipped.")
+        )
+        logger.info("emailing %s cancelled: %s deliveries skipped", touched_id, skipped)
+    return len(emailing_ids)
 
 
 def finish_if_done(bind: Bind, emailing_id: int, *, now: datetime) -> bool:
@@ -540,9 +579,9 @@ def finish_if_done(bind: Bind, emailing_id: int, *, now: datetime) -> bool:
             ).all()
         )
         note = _summary(counts)
-        everything_failed = (
-            counts and not counts.get(S.SENT) and not counts.get(S.BOUNCED)
-        )
+        # Interrupted deliveries may have gone out: that is not a failure.
+        reached = (S.SENT, S.BOUNCED, S.INTERRUPTED)
+        everything_failed = counts and not any(counts.get(s) for s in reached)
         connection.execute(
             update(Emailing)
             .where(Emailing.id == emailing_id)

@@ -54,6 +54,7 @@ from sequencer.claims import (
     record_uncertain,
     release,
     sending_ids,
+    skip_cancelled,
 )
 from sequencer.config import Settings, get_settings
 from sequencer.db import get_engine
@@ -248,6 +249,7 @@ class _Send:
                 self.write(
                     db,
                     release,
+                    emailing_id,
                     batch[position:],
                     worker_id=self.worker_id,
                     now=self.clock(),
@@ -443,18 +445,13 @@ def cancel_emailing(
             f"it is {emailing.status.value}; only a draft, pending or sending "
             "emailing can be cancelled",
         )
-    skipped = session.execute(
-        update(Delivery)
-        .where(Delivery.emailing_id == emailing_id, Delivery.status == S.QUEUED)
-        .values(status=S.SKIPPED, next_attempt_at=None, updated_at=now)
-    ).rowcount
-    session.execute(
-        update(Emailing)
-        .where(Emailing.id == emailing_id)
-        .values(note=f"Cancelled: {skipped} recipients skipped.")
-    )
+    if not skip_cancelled(session.connection(), now=now, emailing_id=emailing_id):
+        session.execute(
+            update(Emailing)
+            .where(Emailing.id == emailing_id)
+            .values(note="Cancelled: 0 recipients skipped.")
+        )
     session.commit()
-    logger.info("emailing %s cancelled: %s deliveries skipped", emailing_id, skipped)
     return _get(session, emailing_id)
 
 
@@ -568,9 +565,18 @@ def recover_stale(
         Emailing.status == E.SENDING,
         or_(Emailing.claimed_at.is_(None), Emailing.claimed_at < cutoff),
     )
-    found = session.scalar(
-        select(Delivery.id).where(stale_deliveries).limit(1)
-    ) or session.scalar(select(Emailing.id).where(stale_emailings).limit(1))
+    # A delivery back in the queue of an emailing cancelled meanwhile.
+    left_queued = and_(
+        Delivery.emailing_id.in_(
+            select(Emailing.id).where(Emailing.status == E.CANCELLED)
+        ),
+        Delivery.status == S.QUEUED,
+    )
+    found = (
+        session.scalar(select(Delivery.id).where(stale_deliveries).limit(1))
+        or session.scalar(select(Emailing.id).where(stale_emailings).limit(1))
+        or session.scalar(select(Delivery.id).where(left_queued).limit(1))
+    )
     if found is None:
         session.rollback()
         return {"interrupted": 0, "taken_over": 0}
@@ -585,6 +591,7 @@ def recover_stale(
         .where(stale_emailings)
         .values(claimed_by=worker_id, claimed_at=now, updated_at=now)
     ).rowcount
+    skip_cancelled(session.connection(), now=now)
     session.commit()
     if interrupted:
         logger.warning(

@@ -383,27 +383,39 @@ def header(name: str, value: str, *, cache: bool = True) -> FoldedHeader:
     """
     if _LINE_BREAKS.search(value):
         raise SendError(f"header {name}: a value cannot contain a line break")
+    if name in _PLAIN_TEXT_HEADERS:
+        if _plain_enough(name, value):
+            return verbatim_header(name, value)
+        # The policy, folding a long or non-ASCII text, can put a space
+        # between two encoded words, where readers drop it; encoded whole,
+        # the text is read back exactly as written.
+        encoded = _encoded_cached if cache else _encoded_text
+        return encoded(name, value, value)
     if "=?" in value:
         return _encoded_text(name, value, value)
-    if name in _PLAIN_TEXT_HEADERS and _plain_enough(name, value):
-        return verbatim_header(name, value)
     return _fold_cached(name, value) if cache else _fold(name, value)
 
 
 def _encoded_text(name: str, text: str, value: str, after: str = "") -> FoldedHeader:
-    """A header whose text contains ``=?``, written as RFC 2047 encoded words.
+    """A header whose text is written whole as RFC 2047 encoded words.
 
-    The policy would read ``=?utf-8?b?...?=`` in a subject or a name as an
-    encoded word and write what it decodes to: a line break there would
-    start a header of its own. Encoded whole, the text reaches the reader
-    as it was written. ``value`` is the header's value, ``text`` the part
-    of it encoded and ``after`` what follows (an address in angle brackets).
+    For text the policy would misread or misfold: ``=?utf-8?b?...?=`` in a
+    subject or a name, which it would decode (a line break there would start
+    a header of its own); a long or non-ASCII subject, where it can lose a
+    space; a display name that does not fit on one line, whose quotes it can
+    drop. Encoded whole, the text reaches the reader as it was written, and
+    a name stays one name. ``value`` is the header's value, ``text`` the
+    part of it encoded and ``after`` what follows (an address in angle
+    brackets).
     """
     encoded = Header(text, "utf-8", header_name=name).encode(linesep=POLICY.linesep)
     folded = FoldedHeader(value)
     folded.name = name
     folded.folded = f"{name}: {encoded}{after}{POLICY.linesep}"
     return folded
+
+
+_encoded_cached = lru_cache(maxsize=1024)(_encoded_text)
 
 
 _PLAIN_TEXT_HEADERS = {"Subject"}
@@ -427,20 +439,24 @@ def _plain_enough(name: str, value: str) -> bool:
 
 
 def address_header(name: str, address: Address, *, cache: bool = False) -> FoldedHeader:
-    """An address header; a plain name and address are written as they are.
+    """An address header whose display name always reads back as one name.
 
-    ``Person Name <someone@example.com>`` needs no quoting nor encoding; a
-    name with ``=?`` is encoded whole (see ``_encoded_text``); anything else
-    (accents, commas, quotes) goes through the policy.
+    ``Person Name <someone@example.com>`` needs no quoting nor encoding and
+    is written as it is. An ASCII name that fits on the line with its
+    address is quoted by the policy (commas, quotes). Any other name (accents,
+    ``=?``, or too long for one line) is encoded whole (see
+    ``_encoded_text``): folded by the policy, a long quoted name can lose its
+    quotes and read as several addresses, one of them the name's own.
     """
     value = str(address)
-    if "=?" in address.display_name:
-        after = f" <{address.addr_spec}>"
-        return _encoded_text(name, address.display_name, value, after)
+    display_name = address.display_name
     fits = len(name) + 2 + len(value) <= POLICY.max_line_length
-    if fits and value.isascii() and _PLAIN_ADDRESS.fullmatch(value):
-        return verbatim_header(name, value)
-    return header(name, value, cache=cache)
+    if not display_name or (fits and value.isascii() and "=?" not in display_name):
+        if fits and _PLAIN_ADDRESS.fullmatch(value):
+            return verbatim_header(name, value)
+        return _fold_cached(name, value) if cache else _fold(name, value)
+    encoded = _encoded_cached if cache else _encoded_text
+    return encoded(name, display_name, value, f" <{address.addr_spec}>")
 
 
 # --- Per recipient ----------------------------------------------------------------
@@ -670,8 +686,16 @@ class Draft:
             raise SendError("the emailing has not been saved")
         if not emailing.sender_email:
             raise SendError(f"emailing {emailing.id}: it has no sender address")
-        sender = make_address(emailing.sender_name, emailing.sender_email)
-        reply_to = make_address("", emailing.reply_to) if emailing.reply_to else None
+        try:
+            sender = make_address(emailing.sender_name, emailing.sender_email)
+        except SendError as exc:
+            raise SendError(f"emailing {emailing.id}: sender email: {exc}") from None
+        try:
+            reply_to = (
+                make_address("", emailing.reply_to) if emailing.reply_to else None
+            )
+        except SendError as exc:
+            raise SendError(f"emailing {emailing.id}: reply-to: {exc}") from None
         html = emailing.html.strip() or html_from_text(emailing.message)
         return cls(
             emailing_id=emailing.id,

@@ -265,9 +265,14 @@ def _absolute(text: str, zone: ZoneInfo, dayfirst: bool | None) -> datetime:
 
 
 def _email(raw: Any, *_: Any) -> str:
+    """A checked address, lower-cased; its mailbox part must be ASCII.
+
+    A non-ASCII mailbox (``josé@...``) needs SMTPUTF8, which Sequencer does
+    not send with: refused when typed rather than when the emailing goes.
+    """
     text = str(raw).strip()
     try:
-        result = validate_email(text, check_deliverability=False)
+        result = validate_email(text, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise ValueError(f"value {text!r} is not an email address: {exc}") from None
     return result.normalized.lower()

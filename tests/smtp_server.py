@@ -42,6 +42,8 @@ class RecordingHandler:
     def __init__(self) -> None:
         self.bounce: set[str] = set()
         self.defer: set[str] = set()
+        self.reply_once: dict[str, str] = {}
+        """A reply given to the next RCPT of an address, in place of accepting."""
         self.stall_rcpt: set[str] = set()
         self.stall_data: set[str] = set()
         self.stall_seconds = 3.0
@@ -67,6 +69,8 @@ class RecordingHandler:
         if key in self.stall_rcpt:
             self.stall_rcpt.discard(key)
             await asyncio.sleep(self.stall_seconds)
+        if key in self.reply_once:
+            return self.reply_once.pop(key)
         if key in self.bounce:
             return BOUNCE_REPLY.format(address=address)
         if key in self.defer:

@@ -272,6 +272,27 @@ def test_451_until_the_limit_fails_the_delivery_keeping_the_reply(
     _assert_counters_match_rows(session, emailing.id)
 
 
+def test_421_for_one_recipient_costs_the_next_nothing(
+    engine: Engine, session: Session, smtp: SMTPSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEQUENCER_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("SEQUENCER_SMTP_CONNECTIONS", "1")
+    config.get_settings.cache_clear()
+    smtp.handler.reply_once["person0@example.com"] = "421 4.3.2 Shutting down"
+    emailing = _emailing_to(engine, session, 3)
+
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+
+    # The server closed the session on its 421: the others are not charged.
+    assert set(smtp.counts()) == {"person1@example.com", "person2@example.com"}
+    rows = session.scalars(
+        select(Delivery).where(Delivery.emailing_id == emailing.id)
+    ).all()
+    replies = {row.email: (row.status, row.smtp_reply) for row in rows}
+    assert replies["person0@example.com"] == (S.FAILED, "421 4.3.2 Shutting down")
+    _assert_counters_match_rows(session, emailing.id)
+
+
 def test_timeout_before_the_message_is_handed_over_retries_it_once(
     engine: Engine, session: Session, impatient: SMTPSink
 ) -> None:
@@ -454,6 +475,54 @@ def test_cancel_stops_between_batches_with_exact_counters(
     assert _statuses(session, emailing.id) == Counter({S.SENT: 20, S.SKIPPED: 30})
     assert stored.note == "Cancelled: 30 recipients skipped."
     _assert_counters_match_rows(session, emailing.id)
+
+
+def test_cancel_skips_a_delivery_that_fails_after_it(
+    engine: Engine, session: Session, smtp: SMTPSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEQUENCER_SMTP_CONNECTIONS", "1")
+    config.get_settings.cache_clear()
+    # The first batch, in address order: person0, person10, ..., person18.
+    smtp.defer.add("person12@example.com")
+    emailing = _emailing_to(engine, session, 20)
+
+    def cancel_midway(received: int) -> None:
+        if received == 3:
+            with Session(engine) as other:
+                delivery.cancel_emailing(other, emailing.id, now=NOW)
+
+    smtp.handler.after_message = cancel_midway
+    delivery.dispatch_due(now=NOW, worker_id="w1")
+    delivery.dispatch_due(now=NOW + timedelta(hours=2), worker_id="w1")
+
+    # The first batch finishes; its 451 is not queued for a retry nobody makes.
+    assert smtp.total() == 9
+    assert "person12@example.com" not in smtp.counts()
+    assert _statuses(session, emailing.id) == Counter({S.SENT: 9, S.SKIPPED: 11})
+    stored = _stored(session, emailing.id)
+    assert stored.note == "Cancelled: 11 recipients skipped."
+    _assert_counters_match_rows(session, emailing.id)
+
+
+def test_pass_clean_up_skips_what_came_back_to_a_cancelled_queue(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 3)
+    assert claims.claim_emailing(engine, emailing.id, worker_id="w1", now=NOW)
+    in_flight = claims.claim_batch(engine, emailing.id, worker_id="w1", now=NOW, size=1)
+    delivery.cancel_emailing(session, emailing.id, now=NOW)
+    # Handed back by a sender that saw the cancel only after its commit.
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == in_flight[0].id)
+        .values(status=S.QUEUED, claimed_by=None)
+    )
+    session.commit()
+
+    delivery.recover_stale(session, NOW + timedelta(seconds=5), worker_id="w1")
+
+    assert _statuses(session, emailing.id) == Counter({S.SKIPPED: 3})
+    assert _stored(session, emailing.id).note == "Cancelled: 3 recipients skipped."
 
 
 def test_cancel_of_a_sent_emailing_is_refused(

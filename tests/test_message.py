@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from email import policy
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.parser import BytesParser
+from email.policy import compat32
 
 import pytest
 
@@ -336,6 +338,9 @@ SUBJECTS = [
     "=?utf-8?q?looks_encoded?=",
     "News for =?utf-8?b?eA0KQmNjOiBldmlsQGV4YW1wbGUuY29t?=",
     'Quotes " and \\ and, commas',
+    "Café crème " * 20,
+    "Привет мир как дела у тебя сегодня " * 5,
+    "A long subject with an unbreakable " + "w" * 120 + " and more " + "z" * 90,
 ]
 NAMES = [
     "",
@@ -347,6 +352,11 @@ NAMES = [
     "Joe =?utf-8?q?=22?= x",
     "=?utf-8?q?x@evil.example?=",
     "=?utf-8?b?eA0KQmNjOiBldmlsQGV4YW1wbGUuY29t?=",
+    "Ann Lee, customer of the month, congratulations from the whole team at the "
+    'shop <evil@attacker.example>, "x',
+    "N" * 80 + '"',
+    "N" * 1200,
+    "Zoé " * 40,
 ]
 BODIES = [
     "hello",
@@ -357,6 +367,19 @@ BODIES = [
     "emoji 🎉 and trailing spaces   \n   \n",
     "a NUL\x00 character\n",
 ]
+
+
+def _display_name(raw: bytes, name: str, parsed: str) -> str:
+    """The display name of header ``name`` as a reader decodes it.
+
+    Python's parser puts a space between encoded words of a name (RFC 2047
+    says to drop it); ``decode_header`` reads them as the standard says.
+    """
+    value = BytesParser(policy=compat32).parsebytes(raw)[name]
+    if not value.startswith("=?"):
+        return parsed
+    decoded = str(make_header(decode_header(value)))
+    return decoded.rsplit(" <", 1)[0]
 
 
 @pytest.mark.parametrize("subject", SUBJECTS)
@@ -393,8 +416,9 @@ def test_composed_bytes_are_what_the_email_package_writes(
     assert b"\x00" not in raw
     assert "Bcc" not in parsed
     assert parsed["Subject"] == one_line(subject)
-    assert parsed["To"].addresses[0].display_name == one_line(name)
-    assert parsed["To"].addresses[0].addr_spec == "ann@example.com"
+    (to,) = parsed["To"].addresses
+    assert to.addr_spec == "ann@example.com"
+    assert _display_name(raw, "To", to.display_name) == one_line(name)
     text = parsed.get_body(("plain",)).get_content()
     assert text.replace("\r\n", "\n") == (
         body.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n") + "\n"
