@@ -31,9 +31,10 @@ except SequencerError as exc:
 
 st.title(emailing["subject"] or f"Emailing {emailing_id}")
 status = str(emailing["status"])
+send_at = emailing.get("send_at")
+when = f"send at {ui.local_time(send_at)} ({ui.zone()})" if send_at else "no send time"
 st.caption(
-    f"#{emailing_id} · {status} · send at {ui.local_time(emailing.get('send_at'))} "
-    f"({ui.zone()}) · from {emailing.get('sender_name')} "
+    f"#{emailing_id} · {status} · {when} · from {emailing.get('sender_name')} "
     f"<{emailing.get('sender_email')}>"
     + (f" · reference {emailing['reference']}" if emailing.get("reference") else "")
 )
@@ -41,9 +42,16 @@ if emailing.get("note"):
     st.info(emailing["note"])
 
 
-@st.fragment(run_every=REFRESH_SECONDS if status == EmailingStatus.SENDING else None)
+WAITING = {EmailingStatus.PENDING, EmailingStatus.SENDING}
+
+
+@st.fragment(run_every=REFRESH_SECONDS if status in WAITING else None)
 def counters() -> None:
-    """The counters, refreshed on their own while the emailing is sending."""
+    """The counters, refreshed on their own until the emailing has gone.
+
+    When the status changes (sending started, or ended) the whole page runs
+    again, so recipients and actions follow.
+    """
     with ui.session() as session:
         current = records.get_record(session, EMAILING, emailing_id)
     names = ["total", "sent", "open", "click", "unsubscribe", "bounce"]
@@ -87,7 +95,7 @@ with test_col.form("send_test", border=False):
     ):
         ui.run_action(
             lambda s: delivery.send_test(s, emailing_id, address.strip()),
-            lambda reply: f"Test sent to {address.strip()}: {reply}",
+            lambda reply: reply,
             rerun=False,
         )
 if st.session_state.get("emailing_confirm_cancel") == emailing_id:

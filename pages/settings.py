@@ -15,13 +15,6 @@ REFRESH_SECONDS = 5
 settings = get_settings()
 
 
-def _describe_pass(last_pass: dict) -> str:
-    """A worker's last pass in one line: what each step did."""
-    if not isinstance(last_pass, dict):
-        return ""
-    return ", ".join(f"{step}: {value}" for step, value in last_pass.items())
-
-
 st.title("Settings")
 
 # Configuration: read from the environment at start; see the README.
@@ -38,7 +31,6 @@ else:
         st.warning(where, icon=":material/inbox:")
 config = {
     "Database": make_url(settings.database_url).render_as_string(hide_password=True),
-    "Sending": where,
     "Public URL": settings.public_url,
     "Rate (messages per second)": str(settings.smtp_rate or "no limit"),
     "SMTP connections": str(settings.smtp_connections),
@@ -71,18 +63,24 @@ def worker_state() -> None:
     st.caption(f"Last heartbeat: {ui.local_time(last_beat, '%Y-%m-%d %H:%M:%S')}")
     if not alive:
         st.error(
-            "No worker has beaten for a minute: start `python -m sequencer run` "
-            "or `python -m sequencer worker`."
+            "No worker is running (stopped, or silent for a minute): start "
+            "`python -m sequencer run` or `python -m sequencer worker`."
         )
-    shown = workers.assign(last_pass=workers["last_pass"].map(_describe_pass))
     st.dataframe(
-        ui.localize(shown, ["started_at", "last_beat"]),
+        ui.localize(workers, ["started_at", "last_beat"]),
         hide_index=True,
         column_config={
+            "worker": "Worker",
+            "host": "Host",
+            "pid": st.column_config.NumberColumn("PID", format="%d"),
+            "started_at": st.column_config.DatetimeColumn(
+                "Started", format="YYYY-MM-DD HH:mm:ss"
+            ),
             "alive": st.column_config.CheckboxColumn("Alive"),
             "last_beat": st.column_config.DatetimeColumn(
                 "Last heartbeat", format="YYYY-MM-DD HH:mm:ss"
             ),
+            "last_pass": st.column_config.TextColumn("Last pass", width="large"),
         },
     )
     ui.zone_caption()

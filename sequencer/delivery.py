@@ -498,6 +498,10 @@ def send_test(
     now = now or utcnow()
     emailing = _get(session, emailing_id)
     address = address.strip()
+    if not address:
+        raise ValidationError(
+            f"test of emailing {emailing_id}", "address", "give the address to send to"
+        )
     contact = session.scalars(
         select(Contact).where(Contact.email == address.lower())
     ).first()

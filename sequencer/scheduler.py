@@ -82,7 +82,11 @@ def _beat_job() -> None:
 
 
 def worker_status(session: Session, *, now: datetime | None = None) -> pd.DataFrame:
-    """Every worker that ever beat: when, and whether it looks alive."""
+    """Every worker that ever beat: when, whether it looks alive, its last pass.
+
+    A worker that stopped cleanly said so in its last beat; one that died
+    just stops beating and is shown stopped a minute later.
+    """
     now = now or utcnow()
     rows = session.exec(
         select(WorkerHeartbeat).order_by(WorkerHeartbeat.last_beat.desc())
@@ -94,13 +98,34 @@ def worker_status(session: Session, *, now: datetime | None = None) -> pd.DataFr
             "pid": row.pid,
             "started_at": row.started_at,
             "last_beat": row.last_beat,
-            "alive": now - row.last_beat <= timedelta(seconds=ALIVE_SECONDS),
-            "last_pass": row.last_pass,
+            "alive": now - row.last_beat <= timedelta(seconds=ALIVE_SECONDS)
+            and not (row.last_pass or {}).get("stopped"),
+            "last_pass": describe_pass(row.last_pass),
         }
         for row in rows
     ]
     columns = ["worker", "host", "pid", "started_at", "last_beat", "alive", "last_pass"]
     return pd.DataFrame.from_records(records, columns=columns)
+
+
+def describe_pass(last_pass: dict[str, Any] | None) -> str:
+    """What a worker's last pass did, in words, for the dashboard."""
+    if not isinstance(last_pass, dict) or not last_pass:
+        return "no pass yet"
+    if last_pass.get("stopped"):
+        return "stopped"
+    recovered = last_pass.get("recovered") or {}
+    parts = [
+        f"{last_pass.get('events') or 0} record events",
+        f"{last_pass.get('sent') or 0} messages sent",
+    ]
+    if isinstance(recovered, dict):
+        if recovered.get("interrupted"):
+            parts.append(f"{recovered['interrupted']} in-flight marked interrupted")
+        if recovered.get("taken_over"):
+            parts.append(f"{recovered['taken_over']} stale emailings taken over")
+    parts.extend(f"error in {error}" for error in last_pass.get("errors") or [])
+    return ", ".join(parts)
 
 
 # --- One pass --------------------------------------------------------------------
@@ -201,6 +226,10 @@ def start_scheduler() -> BackgroundScheduler:
         )
         scheduler.start()
         _scheduler = scheduler
+        try:
+            beat(last_pass={})
+        except Exception:
+            logger.exception("the first heartbeat failed")
         logger.info(
             "scheduler of worker %s started: a pass every %ss",
             settings.worker_id,
@@ -222,6 +251,10 @@ def stop_scheduler(*, wait: bool = True) -> None:
             return
         delivery.request_stop()
         scheduler.shutdown(wait=wait)
+        try:
+            beat(last_pass={"stopped": True})
+        except Exception:
+            logger.exception("the last heartbeat failed")
         if wait:
             # The pass has returned, so no send is left to stop; direct calls
             # (the CLI, "Send now" in a test) must be able to send again.

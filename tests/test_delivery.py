@@ -567,6 +567,16 @@ def test_send_test_sends_one_marked_message_and_counts_nothing(
     assert html is not None and open_token in html.get_content()
 
 
+def test_send_test_without_an_address_asks_for_one(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 1)
+
+    with pytest.raises(ValidationError, match="address: give the address to send"):
+        delivery.send_test(session, emailing.id, "  ")
+    assert smtp.total() == 0
+
+
 def test_send_test_refused_by_the_server_says_why(
     engine: Engine, session: Session, smtp: SMTPSink
 ) -> None:

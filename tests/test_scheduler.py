@@ -152,6 +152,42 @@ def test_worker_status_tells_alive_from_stopped(
     assert list(stopped["alive"]) == [False]
 
 
+def test_worker_stopped_cleanly_is_shown_stopped_at_once(
+    engine: Engine, session: Session, worker: SMTPSink
+) -> None:
+    scheduler.start_scheduler()
+    running = scheduler.worker_status(session)
+    scheduler.stop_scheduler()
+    session.expire_all()
+
+    stopped = scheduler.worker_status(session)
+
+    assert list(running["alive"]) == [True]
+    assert list(stopped["alive"]) == [False]
+    assert list(stopped["last_pass"]) == ["stopped"]
+
+
+def test_last_pass_is_described_in_words(
+    engine: Engine, session: Session, worker: SMTPSink
+) -> None:
+    scheduler.beat(
+        now=NOW,
+        last_pass={
+            "events": 3,
+            "sent": 120,
+            "recovered": {"interrupted": 2, "taken_over": 0},
+            "errors": ["events: boom"],
+        },
+    )
+
+    (described,) = scheduler.worker_status(session, now=NOW)["last_pass"]
+
+    assert described == (
+        "3 record events, 120 messages sent, 2 in-flight marked interrupted, "
+        "error in events: boom"
+    )
+
+
 def test_starting_from_many_threads_makes_one_scheduler(
     engine: Engine, worker: SMTPSink
 ) -> None:
