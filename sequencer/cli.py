@@ -92,7 +92,8 @@ def _import(args: argparse.Namespace) -> int:
     for row, reason in report.rejected:
         _say(f"rejected row {row}: {reason}")
     _say(report.summary())
-    return 0
+    # The other rows are stored; a script must still learn that some were not.
+    return 1 if report.rejected else 0
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -72,7 +72,7 @@ def test_import_prints_rejected_rows_and_summary(
     csv_file.write_text("sku;nom;quantite\nA1;Café;12\nB2;;3\n", encoding="utf-8")
     capsys.readouterr()
 
-    assert main(["import", "produits", str(csv_file), "--key", "sku"]) == 0
+    assert main(["import", "produits", str(csv_file), "--key", "sku"]) == 1
 
     out = capsys.readouterr().out
     assert "rejected row 3: produits: nom: required" in out
