@@ -38,8 +38,6 @@ st.caption(
     f"<{emailing.get('sender_email')}>"
     + (f" · reference {emailing['reference']}" if emailing.get("reference") else "")
 )
-if emailing.get("note"):
-    st.info(emailing["note"])
 
 
 WAITING = {EmailingStatus.PENDING, EmailingStatus.SENDING}
@@ -53,12 +51,19 @@ def counters() -> None:
     again, so recipients and actions follow.
     """
     with ui.session() as session:
-        current = records.get_record(session, EMAILING, emailing_id)
-    names = ["total", "sent", "open", "click", "unsubscribe", "bounce"]
-    for column, name in zip(st.columns(len(names)), names, strict=True):
-        column.metric(name.capitalize(), current.get(name, 0))
+        current = delivery.sending_state(session, emailing_id)
     if current["status"] != status:
         st.rerun()
+    if current["note"]:
+        st.info(current["note"], icon=":material/info:")
+    names = ["total", "sent", "open", "click", "unsubscribe", "bounce"]
+    for column, name in zip(st.columns(len(names)), names, strict=True):
+        column.metric(name.capitalize(), current[name])
+    if current["deliveries"]:
+        st.caption(
+            "Recipients: "
+            + " · ".join(f"{n} {state}" for state, n in current["deliveries"].items())
+        )
 
 
 counters()

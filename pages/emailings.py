@@ -62,6 +62,7 @@ st.dataframe(
         "ctor",
         "unsubscribe_rate",
         "bounce_rate",
+        "note",
     ],
     column_config={
         "id": st.column_config.NumberColumn("Id", width="small"),
@@ -75,6 +76,7 @@ st.dataframe(
             "Unsubscribe rate", **percent
         ),
         "bounce_rate": st.column_config.NumberColumn("Bounce rate", **percent),
+        "note": st.column_config.TextColumn("Note", width="large"),
     },
 )
 ui.zone_caption()

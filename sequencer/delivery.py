@@ -76,6 +76,8 @@ commit costs about as much as rendering a message.
 """
 FLUSH_SECONDS = 1.0
 
+CANCELLED_EARLY = "Cancelled before sending: nobody was sent anything."
+
 _stop = threading.Event()
 
 _unreachable: dict[str, datetime] = {}
@@ -446,11 +448,14 @@ def cancel_emailing(
             "emailing can be cancelled",
         )
     if not skip_cancelled(session.connection(), now=now, emailing_id=emailing_id):
-        session.execute(
-            update(Emailing)
-            .where(Emailing.id == emailing_id)
-            .values(note="Cancelled: 0 recipients skipped.")
+        resolved = session.scalar(
+            select(Emailing.recipients_resolved).where(Emailing.id == emailing_id)
         )
+        note = "Cancelled: 0 recipients skipped." if resolved else CANCELLED_EARLY
+        session.execute(
+            update(Emailing).where(Emailing.id == emailing_id).values(note=note)
+        )
+        logger.info("emailing %s cancelled: %s", emailing_id, note)
     session.commit()
     return _get(session, emailing_id)
 
@@ -607,6 +612,37 @@ def recover_stale(
             "worker %s took over %s stale emailing claims", worker_id, taken_over
         )
     return {"interrupted": interrupted, "taken_over": taken_over}
+
+
+def sending_state(session: Session, emailing_id: int) -> dict[str, Any]:
+    """What a user follows of one emailing: status, counters, note, deliveries.
+
+    ``deliveries`` counts the recipients by delivery status (sent, bounced,
+    failed, interrupted, skipped, still queued or in flight), which says
+    exactly who got it; the counters are the same numbers, kept on the row.
+    """
+    emailing = _get(session, emailing_id)
+    counts = session.execute(
+        select(Delivery.status, func.count())
+        .where(Delivery.emailing_id == emailing_id)
+        .group_by(Delivery.status)
+    ).all()
+    by_status = {S(status).value: int(count) for status, count in counts}
+    return {
+        "status": E(emailing.status).value,
+        "note": emailing.note or "",
+        "started_at": emailing.started_at,
+        "finished_at": emailing.finished_at,
+        "deliveries": {
+            status.value: by_status[status.value]
+            for status in S
+            if by_status.get(status.value)
+        },
+        **{
+            name: getattr(emailing, name)
+            for name in ("total", "sent", "open", "click", "unsubscribe", "bounce")
+        },
+    }
 
 
 def due_count(session: Session, *, now: datetime | None = None) -> int:

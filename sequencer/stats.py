@@ -485,6 +485,7 @@ def emailings_table(session: Session, *, limit: int | None = None) -> pd.DataFra
             Emailing.sequence_id,
             Sequence.name.label("sequence"),
             Emailing.status,
+            Emailing.note,
             Emailing.send_at,
             Emailing.created_at,
             Emailing.finished_at,

@@ -217,6 +217,13 @@ def test_550_bounces_that_recipient_and_the_others_get_it(
     stored = _stored(session, emailing.id)
     assert (stored.status, stored.sent, stored.bounce) == (EmailingStatus.SENT, 4, 1)
     _assert_counters_match_rows(session, emailing.id)
+    state = delivery.sending_state(session, emailing.id)
+    assert state["deliveries"] == {"sent": 4, "bounced": 1}
+    assert (state["note"], state["total"], state["bounce"]) == (
+        "4 sent, 1 bounced",
+        5,
+        1,
+    )
 
 
 def test_451_is_retried_with_backoff_then_sent(

@@ -329,6 +329,7 @@ def test_emailing_cancel_asks_then_cancels(demo_db: Engine) -> None:
     with session_scope(demo_db) as session:
         stored = records.get_record(session, EMAILING, emailing_id)
     assert str(stored["status"]) == "cancelled"
+    assert [info.value for info in app.info][:1] == [delivery.CANCELLED_EARLY]
 
 
 def test_emailing_send_test_confirms_with_a_toast(demo_db: Engine) -> None:
