@@ -15,13 +15,14 @@ from __future__ import annotations
 import html as html_lib
 import re
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
 
 import jinja2
 from jinja2 import meta, nodes
 from jinja2.exceptions import SecurityError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import SandboxedEnvironment, safe_range
 from markupsafe import Markup, escape
 
 from sequencer.exceptions import TemplateError
@@ -90,6 +91,29 @@ class _RecipientPlaceholder:
 
 MAX_PRODUCT = 100_000
 """Characters or items a ``*`` may build; a ``**`` result is capped likewise."""
+MAX_LOOP_ITEMS = 100_000
+"""Items every ``range()`` of one rendering may yield, all loops together."""
+
+_loop_budget: ContextVar[list[int] | None] = ContextVar("loop_budget", default=None)
+
+
+def _budgeted_range(*args: int) -> range:
+    """``range`` drawing on the rendering's budget: nested loops cannot run away.
+
+    The sandbox caps one range at 100,000 items, but a range inside a loop
+    over another may still run ten billion times and hold the scheduler's
+    pass (sequences run before sending) for hours.
+    """
+    items = safe_range(*args)
+    budget = _loop_budget.get()
+    if budget is not None:
+        budget[0] -= len(items)
+        if budget[0] < 0:
+            raise SecurityError(
+                f"the loops would run more than {MAX_LOOP_ITEMS} times in all"
+            )
+    return items
+
 
 _MAX_POWER_BITS = 4_000
 
@@ -128,12 +152,14 @@ class _Sandbox(SandboxedEnvironment):
 
 
 def _environment(autoescape: bool) -> SandboxedEnvironment:
-    return _Sandbox(
+    environment = _Sandbox(
         autoescape=autoescape,
         undefined=jinja2.StrictUndefined,
         finalize=_finalize,
         keep_trailing_newline=True,
     )
+    environment.globals["range"] = _budgeted_range
+    return environment
 
 
 _TEXT_ENV = _environment(False)
@@ -268,6 +294,7 @@ def render(
         "unsubscribe_url": "{unsubscribe_url}",
     }
     values.update(context)
+    budget = _loop_budget.set([MAX_LOOP_ITEMS])
     try:
         return _compiled(source, html).render(values)
     except jinja2.TemplateSyntaxError as exc:
@@ -282,6 +309,11 @@ def render(
         raise TemplateError(subject, field, str(exc)) from None
     except (TypeError, ValueError, ArithmeticError) as exc:
         raise TemplateError(subject, field, f"cannot render: {exc}") from None
+    except (MemoryError, RecursionError) as exc:
+        what = "out of memory" if isinstance(exc, MemoryError) else "too deep"
+        raise TemplateError(subject, field, f"cannot render: {what}") from None
+    finally:
+        _loop_budget.reset(budget)
 
 
 def render_for_recipient(

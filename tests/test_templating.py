@@ -128,3 +128,23 @@ def test_huge_products_and_powers_are_refused_not_computed(template: str) -> Non
 
 def test_small_products_and_powers_still_render() -> None:
     assert show("{{ '-' * 3 }} {{ 2 ** 10 }} {{ quantite * 2 }}") == "--- 1024 18"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}"
+        "{% endfor %}",
+        "{% for i in range(100000) %}{{ range(100000)|join(',') }}{% endfor %}",
+    ],
+    ids=["nested", "joined"],
+)
+def test_loops_that_would_run_away_are_refused(template: str) -> None:
+    with pytest.raises(TemplateError, match="subject: refused: the loops would run"):
+        show(template)
+
+
+def test_loops_within_the_budget_render_each_time() -> None:
+    template = "{% for i in range(3) %}{{ i }}{% endfor %}"
+
+    assert [show(template) for _ in range(40_000)][-1] == "012"
