@@ -149,7 +149,15 @@ with recipients_tab:
     if recipients.empty:
         st.info("Recipients are resolved when the emailing starts sending.")
     else:
-        st.dataframe(ui.localize(recipients), hide_index=True)
+        st.dataframe(
+            ui.localize(recipients),
+            hide_index=True,
+            column_config=ui.labels(
+                recipients,
+                delivery_id=st.column_config.NumberColumn("Delivery", format="%d"),
+                smtp_reply=st.column_config.TextColumn("SMTP reply", width="large"),
+            ),
+        )
         ui.zone_caption()
 
 with events_tab:
@@ -158,5 +166,7 @@ with events_tab:
     if events.empty:
         st.info("No open, click, unsubscribe or bounce yet.")
     else:
-        st.dataframe(ui.localize(events), hide_index=True)
+        st.dataframe(
+            ui.localize(events), hide_index=True, column_config=ui.labels(events)
+        )
         ui.zone_caption()

@@ -64,20 +64,17 @@ st.dataframe(
         "bounce_rate",
         "note",
     ],
-    column_config={
-        "id": st.column_config.NumberColumn("Id", width="small"),
-        "send_at": st.column_config.DatetimeColumn(
-            "Send at", format="YYYY-MM-DD HH:mm"
-        ),
-        "open_rate": st.column_config.NumberColumn("Open rate", **percent),
-        "click_rate": st.column_config.NumberColumn("Click rate", **percent),
-        "ctor": st.column_config.NumberColumn("Click-to-open", **percent),
-        "unsubscribe_rate": st.column_config.NumberColumn(
-            "Unsubscribe rate", **percent
-        ),
-        "bounce_rate": st.column_config.NumberColumn("Bounce rate", **percent),
-        "note": st.column_config.TextColumn("Note", width="large"),
-    },
+    column_config=ui.labels(
+        table,
+        id=st.column_config.NumberColumn("Id", width="small"),
+        send_at=st.column_config.DatetimeColumn("Send at", format="YYYY-MM-DD HH:mm"),
+        open_rate=st.column_config.NumberColumn("Open rate", **percent),
+        click_rate=st.column_config.NumberColumn("Click rate", **percent),
+        ctor=st.column_config.NumberColumn("Click-to-open", **percent),
+        unsubscribe_rate=st.column_config.NumberColumn("Unsubscribe rate", **percent),
+        bounce_rate=st.column_config.NumberColumn("Bounce rate", **percent),
+        note=st.column_config.TextColumn("Note", width="large"),
+    ),
 )
 ui.zone_caption()
 

@@ -66,6 +66,18 @@ def localize(frame: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFr
     return frame
 
 
+def labels(frame: pd.DataFrame, **named: Any) -> dict[str, Any]:
+    """Column headers a person reads: ``first_open_at`` shows as "First open at".
+
+    ``named`` gives a column its own label or ``st.column_config`` entry.
+    """
+    config: dict[str, Any] = {
+        name: str(name).replace("_", " ").capitalize() for name in frame.columns
+    }
+    config.update(named)
+    return config
+
+
 def zone_caption() -> None:
     """Say once per page in which zone the times are shown."""
     st.caption(f"Times are shown in {zone()}.")
