@@ -67,6 +67,11 @@ def _stored(session: Session, emailing_id: int) -> Emailing:
     return session.get_one(Emailing, emailing_id)
 
 
+def _delivery_to(session: Session, address: str) -> Delivery:
+    session.expire_all()
+    return session.scalars(select(Delivery).where(Delivery.email == address)).one()
+
+
 def _statuses(session: Session, emailing_id: int) -> Counter[DeliveryStatus]:
     rows = session.scalars(
         select(Delivery.status).where(Delivery.emailing_id == emailing_id)
@@ -201,9 +206,7 @@ def test_550_bounces_that_recipient_and_the_others_get_it(
     delivery.dispatch_due(now=NOW, worker_id="w1")
 
     assert set(smtp.counts()) == set(addresses(5)) - {"person2@example.com"}
-    bounced = session.scalars(
-        select(Delivery).where(Delivery.email == "person2@example.com")
-    ).one()
+    bounced = _delivery_to(session, "person2@example.com")
     assert bounced.status == S.BOUNCED
     assert bounced.smtp_reply.startswith("550")
     contact = session.scalars(
@@ -233,9 +236,7 @@ def test_451_is_retried_with_backoff_then_sent(
     emailing = _emailing_to(engine, session, 3)
 
     delivery.dispatch_due(now=NOW, worker_id="w1")
-    waiting = session.scalars(
-        select(Delivery).where(Delivery.email == "person0@example.com")
-    ).one()
+    waiting = _delivery_to(session, "person0@example.com")
     assert waiting.status == S.QUEUED
     assert waiting.attempts == 1
     assert waiting.smtp_reply.startswith("451")
@@ -267,9 +268,7 @@ def test_451_until_the_limit_fails_the_delivery_keeping_the_reply(
         delivery.dispatch_due(now=now, worker_id="w1")
         now += timedelta(hours=2)
 
-    failed = session.scalars(
-        select(Delivery).where(Delivery.email == "person1@example.com")
-    ).one()
+    failed = _delivery_to(session, "person1@example.com")
     assert failed.status == S.FAILED
     assert failed.attempts == 3
     assert "greylisted" in failed.smtp_reply
@@ -308,9 +307,7 @@ def test_timeout_before_the_message_is_handed_over_retries_it_once(
     emailing = _emailing_to(engine, session, 4)
 
     delivery.dispatch_due(now=NOW, worker_id="w1")
-    waiting = session.scalars(
-        select(Delivery).where(Delivery.email == "person1@example.com")
-    ).one()
+    waiting = _delivery_to(session, "person1@example.com")
     assert (waiting.status, waiting.attempts) == (S.QUEUED, 1)
     assert waiting.smtp_reply == "no answer in 1s"
     assert set(smtp.counts()) == set(addresses(4)) - {"person1@example.com"}
@@ -336,9 +333,7 @@ def test_silence_after_the_message_is_handed_over_is_never_resent(
         delivery.dispatch_due(now=NOW + later, worker_id="w1")
 
     assert smtp.counts() == dict.fromkeys(addresses(4), 1)
-    silent = session.scalars(
-        select(Delivery).where(Delivery.email == "person2@example.com")
-    ).one()
+    silent = _delivery_to(session, "person2@example.com")
     assert silent.status == S.INTERRUPTED
     assert silent.attempts == 1
     assert silent.smtp_reply.startswith(

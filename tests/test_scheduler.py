@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -24,7 +24,7 @@ from worker_process import wait_until
 from sequencer import config, records, scheduler
 from sequencer.entities import get_entity
 from sequencer.enums import EmailingStatus, EventStatus, RecordAction
-from sequencer.models import Emailing, Event, WorkerHeartbeat
+from sequencer.models import Emailing, Event, Sender, WorkerHeartbeat
 from sequencer.timeutil import utcnow
 
 
@@ -74,18 +74,31 @@ def test_pass_runs_pending_events_and_sends_due_emailings(
     assert worker.total() == 2
 
 
+def _slow_emailing(
+    engine: Engine,
+    session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+    send_at: datetime = NOW,
+    **settings: str,
+) -> Emailing:
+    """An emailing to 60 addresses, sent at 40 a second: a pass of 1.5 s."""
+    for name, value in {"SMTP_RATE": "40", **settings}.items():
+        monkeypatch.setenv(f"SEQUENCER_{name}", value)
+    config.get_settings.cache_clear()
+    contact_list = add_list(session)
+    add_contacts(engine, addresses(60), list_id=contact_list.id)
+    return add_emailing(
+        session, add_sender(session), lists=[contact_list.id], send_at=send_at
+    )
+
+
 def test_pass_cut_short_leaves_the_rest_to_the_next_pass(
     engine: Engine,
     session: Session,
     worker: SMTPSink,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("SEQUENCER_SMTP_RATE", "40")
-    monkeypatch.setenv("SEQUENCER_BATCH_SIZE", "5")
-    config.get_settings.cache_clear()
-    contact_list = add_list(session)
-    add_contacts(engine, addresses(60), list_id=contact_list.id)
-    emailing = add_emailing(session, add_sender(session), lists=[contact_list.id])
+    emailing = _slow_emailing(engine, session, monkeypatch, BATCH_SIZE="5")
 
     first = scheduler.run_pass(NOW, max_seconds=0.5)
     session.expire_all()
@@ -106,18 +119,19 @@ def test_emailing_due_during_a_long_pass_goes_out_on_a_later_one(
     worker: SMTPSink,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("SEQUENCER_TICK_SECONDS", "0.2")
-    monkeypatch.setenv("SEQUENCER_SMTP_RATE", "40")
-    config.get_settings.cache_clear()
-    sender = add_sender(session)
-    contact_list = add_list(session)
-    add_contacts(engine, addresses(60), list_id=contact_list.id)
-    long_one = add_emailing(session, sender, lists=[contact_list.id], send_at=utcnow())
+    long_one = _slow_emailing(
+        engine, session, monkeypatch, TICK_SECONDS="0.2", send_at=utcnow()
+    )
 
     # The real scheduler: its passes come every 0.2 s, the first lasts 1.5 s.
     scheduler.start_scheduler()
     assert wait_until(lambda: worker.total() > 0, timeout=30)
-    late_one = add_emailing(session, sender, lists=[contact_list.id], send_at=utcnow())
+    late_one = add_emailing(
+        session,
+        session.get_one(Sender, long_one.sender_id),
+        lists=long_one.contact_lists,
+        send_at=utcnow(),
+    )
 
     def sent(emailing_id: int) -> bool:
         with Session(engine) as check:
