@@ -227,14 +227,20 @@ class SMTPConnection:
                 )
             else:
                 smtp = _SMTP(config.host, config.port, timeout=config.timeout)
-            smtp.ehlo()
+            # A refused greeting (421 too many connections) raises here: no
+            # message is tried on a session the server did not open.
+            smtp.ehlo_or_helo_if_needed()
             if config.starttls:
                 smtp.starttls(context=ssl.create_default_context())
-                smtp.ehlo()
+                smtp.ehlo_or_helo_if_needed()
             if config.username:
                 smtp.login(config.username, config.password or "")
         except smtplib.SMTPAuthenticationError as exc:
             raise ServerUnavailable(f"login refused: {_reply(exc)}") from exc
+        except smtplib.SMTPResponseException as exc:
+            raise ServerUnavailable(
+                f"{config.host}:{config.port} turned the session away: {_reply(exc)}"
+            ) from exc
         except (OSError, smtplib.SMTPException) as exc:
             raise ServerUnavailable(
                 f"cannot reach {config.host}:{config.port}: {exc}"

@@ -114,6 +114,8 @@ def make_address(name: str, email: str) -> Address:
         raise SendError(f"address {email!r} is not an email address")
     if not local.isascii():
         raise SendError(f"address {email!r}: a non-ASCII mailbox needs SMTPUTF8")
+    if "=?" in local:
+        raise SendError(f"address {email!r}: its mailbox reads as an encoded word")
     if len(email) > 254 or not _PLAIN_ADDR_SPEC.fullmatch(email):
         try:
             checked = validate_email(email, check_deliverability=False)
@@ -450,8 +452,12 @@ def address_header(name: str, address: Address, *, cache: bool = False) -> Folde
     """
     value = str(address)
     display_name = address.display_name
+    if not display_name:
+        # An address alone is written as checked: the policy would decode an
+        # encoded-word look-alike in its mailbox part into other addresses.
+        return verbatim_header(name, address.addr_spec)
     fits = len(name) + 2 + len(value) <= POLICY.max_line_length
-    if not display_name or (fits and value.isascii() and "=?" not in display_name):
+    if fits and value.isascii() and "=?" not in display_name:
         if fits and _PLAIN_ADDRESS.fullmatch(value):
             return verbatim_header(name, value)
         return _fold_cached(name, value) if cache else _fold(name, value)

@@ -275,6 +275,10 @@ def _email(raw: Any, *_: Any) -> str:
         result = validate_email(text, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise ValueError(f"value {text!r} is not an email address: {exc}") from None
+    if "=?" in result.local_part:
+        # Valid, but mail readers may decode it as an RFC 2047 word and show
+        # other addresses in its place.
+        raise ValueError(f"value {text!r}: its mailbox part reads as an encoded word")
     return result.normalized.lower()
 
 

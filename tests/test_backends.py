@@ -122,6 +122,30 @@ def test_refusals_carry_code_and_reply(smtp_server) -> None:  # noqa: ANN001
     assert isinstance(fine, Accepted)
 
 
+class ClosingHandler(RecordingHandler):
+    """A server that turns the session away at its greeting (too many clients)."""
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: ANN001
+        return ["421 4.7.0 Too many connections"]
+
+    async def handle_HELO(self, server, session, envelope, hostname):  # noqa: ANN001
+        return "421 4.7.0 Too many connections"
+
+
+def test_session_turned_away_at_ehlo_is_unavailable_not_a_refusal() -> None:
+    handler = ClosingHandler()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        config = SMTPConfig("127.0.0.1", controller.port, timeout=5)
+        connection = SMTPBackend(config).connect()
+        with pytest.raises(ServerUnavailable, match="421 4.7.0 Too many"):
+            connection.send(MESSAGE, "a@example.com", "b@example.com")
+    finally:
+        controller.stop()
+    assert handler.envelopes == []
+
+
 # --- TLS and login against a real server ------------------------------------------
 
 

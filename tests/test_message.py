@@ -261,6 +261,30 @@ def test_non_ascii_mailbox_is_refused() -> None:
         make_address("", "zoé@example.com")
 
 
+def test_mailbox_that_reads_as_an_encoded_word_is_refused() -> None:
+    with pytest.raises(SendError, match="reads as an encoded word"):
+        make_address("", "=?utf-8?q?ceo=40bank.example?=@attacker.example")
+
+
+def test_address_without_a_name_is_written_as_checked() -> None:
+    message = compose(
+        subject="s",
+        text="t",
+        html="<p>t</p>",
+        sender=make_address("", "news@shop.example.com"),
+        recipient=make_address("", "a.b+c@example.com"),
+        reply_to=make_address("", "help@shop.example.com"),
+        message_id="<1@shop.example.com>",
+        date=NOW,
+    )
+
+    raw = message.as_bytes()
+
+    assert b"\r\nTo: a.b+c@example.com\r\n" in raw
+    assert b"\r\nReply-To: help@shop.example.com\r\n" in raw
+    assert raw == message.message().as_bytes()
+
+
 def test_compose_writes_plain_headers_as_given() -> None:
     message = compose(
         subject="Plain subject",

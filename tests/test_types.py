@@ -98,6 +98,18 @@ def test_email_is_lower_cased_and_validated() -> None:
 
 
 @pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("josé@shop.example.com", "not supported"),
+        ("=?utf-8?q?ceo=40bank.example?=@attacker.example", "encoded word"),
+    ],
+)
+def test_email_that_cannot_be_sent_as_typed_is_refused(raw: str, reason: str) -> None:
+    with pytest.raises(ValidationError, match=reason):
+        read(T.EMAIL, raw)
+
+
+@pytest.mark.parametrize(
     ("raw", "expected"),
     [("[3]", [3]), ("[3, 7]", [3, 7]), ("3, 7", [3, 7]),
      ("vip; achat", ["vip", "achat"]), ([1, "2"], [1, 2]),
