@@ -8,7 +8,12 @@ processes, machines) can share the work without sending anyone two messages:
    ``total``.
 2. Senders claim deliveries in batches: ``UPDATE ... WHERE id IN (SELECT ...
    FOR UPDATE SKIP LOCKED) RETURNING`` on PostgreSQL; on SQLite the same
-   ``UPDATE`` is atomic because SQLite has one writer at a time.
+   ``UPDATE`` is atomic because SQLite has one writer at a time. Claimed rows
+   are ``claimed``; a sender moves a small *window* of them to ``sending``
+   before it tries them, in the transaction that commits the window before.
+   So a worker killed mid-batch leaves only its window's rows to be marked
+   interrupted (they may have gone out); the rest were never tried and go
+   back to the queue.
 3. Each outcome (sent, bounced, retry, failed) is committed with its counter,
    so ``total``, ``sent`` and ``bounce`` equal the row counts at every moment.
 """
@@ -28,6 +33,7 @@ from sqlalchemy import (
     Engine,
     String,
     bindparam,
+    case,
     cast,
     exists,
     func,
@@ -190,18 +196,26 @@ class Claimed:
     contact_id: int | None
     email: str
     attempts: int
+    """The attempts once this one is made (the window counts it)."""
     name: str = ""
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
 def claim_batch(
-    bind: Bind, emailing_id: int, *, worker_id: str, now: datetime, size: int
+    bind: Bind,
+    emailing_id: int,
+    *,
+    worker_id: str,
+    now: datetime,
+    size: int,
+    window: int | None = None,
 ) -> list[Claimed]:
     """Claim up to ``size`` queued deliveries of a sending emailing, atomically.
 
-    Their contacts' names and attributes are read in the same transaction.
-    Nothing is claimed once the emailing left ``sending`` (cancelled): that
-    is how a cancel stops a send between batches.
+    The first ``window`` of them (all, by default) are opened for sending in
+    the same transaction (see ``open_window``); their contacts' names and
+    attributes are read in it too. Nothing is claimed once the emailing left
+    ``sending`` (cancelled): that is how a cancel stops a send.
     """
     params = {
         "b_emailing": emailing_id,
@@ -212,6 +226,8 @@ def claim_batch(
     statement = _claim_statement(postgres=bind.dialect.name == "postgresql")
     with writing(bind) as connection:
         rows = connection.execute(statement, params).all()
+        ids = sorted(row.id for row in rows)
+        _open(connection, emailing_id, ids[:window], worker_id=worker_id, now=now)
         wanted = [row.contact_id for row in rows if row.contact_id is not None]
         contacts = {
             contact.id: contact
@@ -225,7 +241,7 @@ def claim_batch(
                 id=row.id,
                 contact_id=row.contact_id,
                 email=row.email,
-                attempts=row.attempts,
+                attempts=row.attempts + 1,
                 name=(contact.name if contact else None) or "",
                 attributes=(contact.attributes if contact else None) or {},
             )
@@ -266,14 +282,93 @@ def _claim_statement(*, postgres: bool) -> Update:
         update(Delivery)
         .where(chosen, Delivery.status == S.QUEUED)
         .values(
-            status=S.SENDING,
+            status=S.CLAIMED,
             claimed_by=bindparam("b_worker"),
             claimed_at=now,
-            attempts=Delivery.attempts + 1,
             updated_at=now,
         )
         .returning(Delivery.id, Delivery.contact_id, Delivery.email, Delivery.attempts)
     )
+
+
+_OPEN = (
+    update(Delivery)
+    .where(
+        Delivery.id.in_(bindparam("b_ids", expanding=True)),
+        Delivery.claimed_by == bindparam("b_worker"),
+        Delivery.status == S.CLAIMED,
+        exists().where(
+            Emailing.id == bindparam("b_emailing"), Emailing.status == E.SENDING
+        ),
+    )
+    .values(
+        status=S.SENDING,
+        attempts=Delivery.attempts + 1,
+        claimed_at=bindparam("b_now", type_=UTCDateTime),
+        updated_at=bindparam("b_now", type_=UTCDateTime),
+    )
+    .returning(Delivery.id)
+)
+
+
+def _open(
+    connection: Connection,
+    emailing_id: int,
+    ids: list[int],
+    *,
+    worker_id: str,
+    now: datetime,
+) -> set[int]:
+    """Move claimed rows of this worker to ``sending``; return those moved.
+
+    A row another worker took back (this one looked dead) or of an emailing
+    cancelled meanwhile is not moved, and is not to be sent.
+    """
+    if not ids:
+        return set()
+    params = {
+        "b_ids": ids,
+        "b_worker": worker_id,
+        "b_emailing": emailing_id,
+        "b_now": now,
+    }
+    return set(connection.execute(_OPEN, params).scalars())
+
+
+def open_window(
+    bind: Bind,
+    emailing_id: int,
+    ids: list[int],
+    *,
+    worker_id: str,
+    now: datetime,
+    accepted: list[int] | None = None,
+    reply: str = "",
+    message_id: tuple[str, str] = ("", ""),
+) -> tuple[int, set[int]]:
+    """Open the next window of a batch, committing the window before with it.
+
+    ``accepted`` are the deliveries the server took since the last commit
+    (see ``record_sent``). One transaction for both: the rows a crash can
+    leave in doubt are never more than one window. Returns how many were
+    settled as sent and which of ``ids`` may now be sent.
+    """
+    with writing(bind) as connection:
+        settled = (
+            _settle_sent(
+                connection,
+                emailing_id,
+                accepted,
+                worker_id=worker_id,
+                now=now,
+                reply=reply,
+                message_id=message_id,
+            )
+            if accepted
+            else 0
+        )
+        opened = _open(connection, emailing_id, ids, worker_id=worker_id, now=now)
+    return settled, opened
 
 
 _CONTACTS = select(Contact.id, Contact.name, Contact.attributes).where(
@@ -302,6 +397,28 @@ def record_sent(
     """
     if not delivery_ids:
         return 0
+    with writing(bind) as connection:
+        return _settle_sent(
+            connection,
+            emailing_id,
+            delivery_ids,
+            worker_id=worker_id,
+            now=now,
+            reply=reply,
+            message_id=message_id,
+        )
+
+
+def _settle_sent(
+    connection: Connection,
+    emailing_id: int,
+    delivery_ids: list[int],
+    *,
+    worker_id: str,
+    now: datetime,
+    reply: str,
+    message_id: tuple[str, str],
+) -> int:
     before, after = message_id
     params = {
         "b_ids": delivery_ids,
@@ -312,10 +429,9 @@ def record_sent(
         "b_after": after,
         "b_emailing": emailing_id,
     }
-    with writing(bind) as connection:
-        settled = connection.execute(_MARK_SENT, params).rowcount
-        if settled:
-            connection.execute(_COUNT_SENT, {**params, "b_count": settled})
+    settled = connection.execute(_MARK_SENT, params).rowcount
+    if settled:
+        connection.execute(_COUNT_SENT, {**params, "b_count": settled})
     return settled
 
 
@@ -503,11 +619,14 @@ def release(
             .where(
                 Delivery.id.in_([row.id for row in deliveries]),
                 Delivery.claimed_by == worker_id,
-                Delivery.status == S.SENDING,
+                Delivery.status.in_([S.CLAIMED, S.SENDING]),
             )
             .values(
                 status=S.QUEUED,
-                attempts=Delivery.attempts - 1,
+                attempts=case(
+                    (Delivery.status == S.SENDING, Delivery.attempts - 1),
+                    else_=Delivery.attempts,
+                ),
                 claimed_by=None,
                 next_attempt_at=now + SERVER_DOWN_WAIT,
                 smtp_reply=reason[:2000],
@@ -520,19 +639,24 @@ def release(
 def skip_cancelled(
     connection: Connection, *, now: datetime, emailing_id: int | None = None
 ) -> int:
-    """Skip what is still queued of cancelled emailings; return how many.
+    """Skip what is queued or claimed of cancelled emailings; return how many.
 
-    A cancel skips the queue at once, but a delivery in flight at that moment
-    can come back to it (a 4xx, an unreachable server) after the cancel: it
-    is skipped too, and the emailing's note counts it. Runs in the caller's
-    transaction, for one emailing or, from a pass's clean-up, for all.
+    A cancel skips the queue and the claimed rows not yet tried at once (a
+    sender then finds it cannot open them), but a delivery in flight at that
+    moment can come back to the queue (a 4xx, an unreachable server) after
+    the cancel: it is skipped too, and the emailing's note counts it. Runs
+    in the caller's transaction, for one emailing or, from a pass's clean-up,
+    for all.
     """
     cancelled = select(Emailing.id).where(Emailing.status == E.CANCELLED)
     if emailing_id is not None:
         cancelled = cancelled.where(Emailing.id == emailing_id)
     touched = connection.execute(
         update(Delivery)
-        .where(Delivery.emailing_id.in_(cancelled), Delivery.status == S.QUEUED)
+        .where(
+            Delivery.emailing_id.in_(cancelled),
+            Delivery.status.in_([S.QUEUED, S.CLAIMED]),
+        )
         .values(status=S.SKIPPED, next_attempt_at=None, updated_at=now)
         .returning(Delivery.emailing_id)
     ).scalars()
@@ -556,7 +680,7 @@ def finish_if_done(bind: Bind, emailing_id: int, *, now: datetime) -> bool:
     """Mark a sending emailing sent once no delivery is queued or in flight."""
     unfinished = exists().where(
         Delivery.emailing_id == emailing_id,
-        Delivery.status.in_([S.QUEUED, S.SENDING]),
+        Delivery.status.in_([S.QUEUED, S.CLAIMED, S.SENDING]),
     )
     with writing(bind) as connection:
         done = connection.execute(

@@ -48,9 +48,9 @@ from sequencer.claims import (
     claim_batch,
     claim_due,
     finish_if_done,
+    open_window,
     record_bounce,
     record_failure,
-    record_sent,
     record_uncertain,
     release,
     sending_ids,
@@ -67,14 +67,17 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-FLUSH_EVERY = 25
-"""Accepted messages a sender commits at once (or after ``FLUSH_SECONDS``).
+WINDOW = 25
+"""Deliveries of a batch a sender opens for sending at a time.
 
-A worker killed before a commit leaves those deliveries in flight: they are
-marked interrupted, not resent, so this bounds what a crash can blur; each
-commit costs about as much as rendering a message.
+The next window is opened in the transaction that commits what the server
+accepted of this one. A worker killed mid-send leaves at most its open
+window in doubt: those are marked interrupted, not resent; the rest of its
+batch was never tried and goes back to the queue. Each commit costs about
+as much as rendering a message.
 """
 FLUSH_SECONDS = 1.0
+"""Accepted messages are committed at least this often, window or not."""
 
 CANCELLED_EARLY = "Cancelled before sending: nobody was sent anything."
 
@@ -201,6 +204,7 @@ class _Send:
                             worker_id=self.worker_id,
                             now=self.clock(),
                             size=self.settings.batch_size,
+                            window=WINDOW,
                         )
                         if not batch:
                             break
@@ -220,10 +224,25 @@ class _Send:
     def send_batch(
         self, db: Connection, connection: Any, emailing_id: int, batch: list[Claimed]
     ) -> None:
+        """Send a claimed batch one window at a time (the claim opened the first).
+
+        A delivery is tried only once its window is open. One that could not
+        be opened was taken back by a worker that thought this one dead, or
+        its emailing was cancelled: it is left alone.
+        """
         draft, link_ids = self.draft(emailing_id)
         accepted: list[int] = []
+        opened = {row.id for row in batch[:WINDOW]}
+        opened_until = WINDOW
         flushed_at = time.monotonic()
         for position, delivery in enumerate(batch):
+            if position >= opened_until:
+                upcoming = [row.id for row in batch[position : position + WINDOW]]
+                opened |= self.flush(db, emailing_id, accepted, upcoming)
+                opened_until = position + WINDOW
+                flushed_at = time.monotonic()
+            if delivery.id not in opened:
+                continue
             try:
                 self.send_one(
                     db,
@@ -234,11 +253,6 @@ class _Send:
                     delivery,
                     accepted,
                 )
-                if len(accepted) >= FLUSH_EVERY or (
-                    time.monotonic() - flushed_at >= FLUSH_SECONDS
-                ):
-                    self.flush(db, emailing_id, accepted)
-                    flushed_at = time.monotonic()
             except ServerUnavailable as exc:
                 self.flush(db, emailing_id, accepted)
                 # Nobody is at fault: hand the rest of the batch back untouched.
@@ -258,31 +272,44 @@ class _Send:
                     reason=str(exc),
                 )
                 return
+            if time.monotonic() - flushed_at >= FLUSH_SECONDS:
+                self.flush(db, emailing_id, accepted)
+                flushed_at = time.monotonic()
         self.flush(db, emailing_id, accepted)
 
-    def flush(self, db: Connection, emailing_id: int, accepted: list[int]) -> None:
-        if not accepted:
-            return
+    def flush(
+        self,
+        db: Connection,
+        emailing_id: int,
+        accepted: list[int],
+        upcoming: list[int] | None = None,
+    ) -> set[int]:
+        """Commit what was accepted and open ``upcoming``; return those opened."""
+        if not accepted and not upcoming:
+            return set()
         draft, _link_ids = self.draft(emailing_id)
-        settled = self.write(
+        settled, opened = self.write(
             db,
-            record_sent,
+            open_window,
             emailing_id,
-            accepted,
+            upcoming or [],
             worker_id=self.worker_id,
             now=self.clock(),
+            accepted=list(accepted),
             reply=self.backend.accepted_reply,
             message_id=draft.message_id_parts(),
         )
-        logger.debug(
-            "emailing %s: %s deliveries sent by worker %s",
-            emailing_id,
-            settled,
-            self.worker_id,
-        )
+        if settled:
+            logger.debug(
+                "emailing %s: %s deliveries sent by worker %s",
+                emailing_id,
+                settled,
+                self.worker_id,
+            )
         accepted.clear()
         with self.lock:
             self.accepted += settled
+        return opened
 
     def send_one(
         self,
@@ -553,7 +580,8 @@ def recover_stale(
     """Clean up after dead workers; commits.
 
     Deliveries a worker left in ``sending`` past the stale timeout become
-    ``interrupted`` (never resent: the server may have accepted them). Sending
+    ``interrupted`` (never resent: the server may have accepted them); those
+    it left ``claimed`` were never tried and go back to the queue. Sending
     emailings whose claim went stale are taken over by this worker.
     """
     settings = get_settings()
@@ -570,6 +598,13 @@ def recover_stale(
         Delivery.status == S.SENDING,
         Delivery.claimed_at < cutoff,
     )
+    stale_claims = and_(
+        Delivery.emailing_id.in_(
+            select(Emailing.id).where(Emailing.status == E.SENDING)
+        ),
+        Delivery.status == S.CLAIMED,
+        Delivery.claimed_at < cutoff,
+    )
     stale_emailings = and_(
         Emailing.status == E.SENDING,
         or_(Emailing.claimed_at.is_(None), Emailing.claimed_at < cutoff),
@@ -579,21 +614,27 @@ def recover_stale(
         Delivery.emailing_id.in_(
             select(Emailing.id).where(Emailing.status == E.CANCELLED)
         ),
-        Delivery.status == S.QUEUED,
+        Delivery.status.in_([S.QUEUED, S.CLAIMED]),
     )
     found = (
         session.scalar(select(Delivery.id).where(stale_deliveries).limit(1))
+        or session.scalar(select(Delivery.id).where(stale_claims).limit(1))
         or session.scalar(select(Emailing.id).where(stale_emailings).limit(1))
         or session.scalar(select(Delivery.id).where(left_queued).limit(1))
     )
     if found is None:
         session.rollback()
-        return {"interrupted": 0, "taken_over": 0}
+        return {"interrupted": 0, "requeued": 0, "taken_over": 0}
 
     interrupted = session.execute(
         update(Delivery)
         .where(stale_deliveries)
         .values(status=S.INTERRUPTED, smtp_reply=INTERRUPTED_REPLY, updated_at=now)
+    ).rowcount
+    requeued = session.execute(
+        update(Delivery)
+        .where(stale_claims)
+        .values(status=S.QUEUED, claimed_by=None, updated_at=now)
     ).rowcount
     taken_over = session.execute(
         update(Emailing)
@@ -607,11 +648,16 @@ def recover_stale(
             "%s deliveries left in flight by a dead worker marked interrupted",
             interrupted,
         )
+    if requeued:
+        logger.info(
+            "%s deliveries claimed by a dead worker and never tried are queued again",
+            requeued,
+        )
     if taken_over:
         logger.info(
             "worker %s took over %s stale emailing claims", worker_id, taken_over
         )
-    return {"interrupted": interrupted, "taken_over": taken_over}
+    return {"interrupted": interrupted, "requeued": requeued, "taken_over": taken_over}
 
 
 def sending_state(session: Session, emailing_id: int) -> dict[str, Any]:

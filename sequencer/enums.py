@@ -126,8 +126,12 @@ class DeliveryStatus(StrEnum):
 
     QUEUED = "queued"
     """Waiting to be claimed, possibly until a retry time."""
+    CLAIMED = "claimed"
+    """Reserved by a worker in a batch, not tried yet: a dead worker's go back
+    to the queue."""
     SENDING = "sending"
-    """Claimed by a worker that is handing it to the SMTP server."""
+    """In the window a worker is handing to the SMTP server (attempt counted);
+    a dead worker's are marked interrupted."""
     SENT = "sent"
     """Accepted by the SMTP server (or written to the outbox)."""
     BOUNCED = "bounced"

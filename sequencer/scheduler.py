@@ -122,6 +122,8 @@ def describe_pass(last_pass: dict[str, Any] | None) -> str:
     if isinstance(recovered, dict):
         if recovered.get("interrupted"):
             parts.append(f"{recovered['interrupted']} in-flight marked interrupted")
+        if recovered.get("requeued"):
+            parts.append(f"{recovered['requeued']} untried claims queued again")
         if recovered.get("taken_over"):
             parts.append(f"{recovered['taken_over']} stale emailings taken over")
     parts.extend(f"error in {error}" for error in last_pass.get("errors") or [])

@@ -618,13 +618,41 @@ def test_stale_in_flight_deliveries_are_interrupted_never_resent(
     recovered = delivery.recover_stale(session, later, worker_id="w2")
     delivery.dispatch_due(now=later, worker_id="w2")
 
-    assert recovered == {"interrupted": 5, "taken_over": 1}
+    assert recovered == {"interrupted": 5, "requeued": 0, "taken_over": 1}
     assert smtp.total() == 20
     for row in in_flight:
         assert row.email not in smtp.counts()
     stored = _stored(session, emailing.id)
     assert stored.status == EmailingStatus.SENT
     assert stored.note == "20 sent, 5 interrupted"
+    _assert_counters_match_rows(session, emailing.id)
+
+
+def test_dead_workers_untried_claims_go_back_to_the_queue(
+    engine: Engine, session: Session, smtp: SMTPSink
+) -> None:
+    emailing = _emailing_to(engine, session, 40)
+    assert claims.claim_emailing(engine, emailing.id, worker_id="dead", now=NOW)
+    batch = claims.claim_batch(
+        engine, emailing.id, worker_id="dead", now=NOW, size=30, window=10
+    )
+    assert _statuses(session, emailing.id) == {
+        S.SENDING: 10,
+        S.CLAIMED: 20,
+        S.QUEUED: 10,
+    }
+
+    later = NOW + timedelta(hours=1)
+    recovered = delivery.recover_stale(session, later, worker_id="w2")
+    delivery.dispatch_due(now=later, worker_id="w2")
+
+    # Only its open window may have gone out: the other 30 get one message each.
+    assert recovered == {"interrupted": 10, "requeued": 20, "taken_over": 1}
+    window = {row.email for row in batch[:10]}
+    assert smtp.counts() == dict.fromkeys(set(addresses(40)) - window, 1)
+    stored = _stored(session, emailing.id)
+    assert stored.note == "30 sent, 10 interrupted"
+    assert {row.attempts for row in session.scalars(select(Delivery))} == {1}
     _assert_counters_match_rows(session, emailing.id)
 
 
