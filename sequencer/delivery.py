@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-WINDOW = 25
+WINDOW = 50
 """Deliveries of a batch a sender opens for sending at a time.
 
 The next window is opened in the transaction that commits what the server
