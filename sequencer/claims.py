@@ -388,25 +388,24 @@ def record_sent(
 ) -> int:
     """Commit accepted messages: their deliveries and ``sent`` move together.
 
-    A sender commits what the server accepted in small groups (see
-    ``FLUSH_EVERY``): one transaction per group instead of per message. The
+    A sender commits what the server accepted once per window (see
+    ``open_window``), one transaction per group instead of per message. The
     counter is raised by exactly the rows that changed, in the same
     transaction, so ``sent`` equals the sent rows whenever anyone looks.
     ``message_id`` is the text before and after the delivery id in the
     Message-ID of each message.
     """
-    if not delivery_ids:
-        return 0
-    with writing(bind) as connection:
-        return _settle_sent(
-            connection,
-            emailing_id,
-            delivery_ids,
-            worker_id=worker_id,
-            now=now,
-            reply=reply,
-            message_id=message_id,
-        )
+    settled, _opened = open_window(
+        bind,
+        emailing_id,
+        [],
+        worker_id=worker_id,
+        now=now,
+        accepted=delivery_ids,
+        reply=reply,
+        message_id=message_id,
+    )
+    return settled
 
 
 def _settle_sent(
