@@ -354,18 +354,14 @@ def open_window(
     settled as sent and which of ``ids`` may now be sent.
     """
     with writing(bind) as connection:
-        settled = (
-            _settle_sent(
-                connection,
-                emailing_id,
-                accepted,
-                worker_id=worker_id,
-                now=now,
-                reply=reply,
-                message_id=message_id,
-            )
-            if accepted
-            else 0
+        settled = _settle_sent(
+            connection,
+            emailing_id,
+            accepted or [],
+            worker_id=worker_id,
+            now=now,
+            reply=reply,
+            message_id=message_id,
         )
         opened = _open(connection, emailing_id, ids, worker_id=worker_id, now=now)
     return settled, opened
@@ -418,6 +414,8 @@ def _settle_sent(
     reply: str,
     message_id: tuple[str, str],
 ) -> int:
+    if not delivery_ids:
+        return 0
     before, after = message_id
     params = {
         "b_ids": delivery_ids,

@@ -458,7 +458,7 @@ def address_header(name: str, address: Address, *, cache: bool = False) -> Folde
         return verbatim_header(name, address.addr_spec)
     fits = len(name) + 2 + len(value) <= POLICY.max_line_length
     if fits and value.isascii() and "=?" not in display_name:
-        if fits and _PLAIN_ADDRESS.fullmatch(value):
+        if _PLAIN_ADDRESS.fullmatch(value):
             return verbatim_header(name, value)
         return _fold_cached(name, value) if cache else _fold(name, value)
     encoded = _encoded_cached if cache else _encoded_text
@@ -650,6 +650,15 @@ class _Body:
     """The HTML with its links rewritten once; None when not tracked so."""
 
 
+def _address_of(emailing: Emailing, field: str, name: str = "") -> Address:
+    """The emailing's sender or reply-to address; an error names the field."""
+    email = emailing.sender_email if field == "sender email" else emailing.reply_to
+    try:
+        return make_address(name, email or "")
+    except SendError as exc:
+        raise SendError(f"emailing {emailing.id}: {field}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Draft:
     """What an emailing says, read once and rendered for each recipient."""
@@ -692,16 +701,8 @@ class Draft:
             raise SendError("the emailing has not been saved")
         if not emailing.sender_email:
             raise SendError(f"emailing {emailing.id}: it has no sender address")
-        try:
-            sender = make_address(emailing.sender_name, emailing.sender_email)
-        except SendError as exc:
-            raise SendError(f"emailing {emailing.id}: sender email: {exc}") from None
-        try:
-            reply_to = (
-                make_address("", emailing.reply_to) if emailing.reply_to else None
-            )
-        except SendError as exc:
-            raise SendError(f"emailing {emailing.id}: reply-to: {exc}") from None
+        sender = _address_of(emailing, "sender email", emailing.sender_name)
+        reply_to = _address_of(emailing, "reply-to") if emailing.reply_to else None
         html = emailing.html.strip() or html_from_text(emailing.message)
         return cls(
             emailing_id=emailing.id,
